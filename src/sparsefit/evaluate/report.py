@@ -1,0 +1,69 @@
+"""Reports: per-block recovery tables (Markdown) and plots (PNG bytes, drawn without a display)."""
+
+from __future__ import annotations
+
+import io
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(_fmt(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def ebft_markdown(blocks: list[dict], config: dict) -> str:
+    """The per-block EBFT table: reconstruction loss before/after, held-out loss, time, tokens/s."""
+    rows = []
+    for b in blocks:
+        reduction = 1 - b["final_loss"] / b["initial_loss"] if b["initial_loss"] else None
+        rows.append([
+            b["block"], b["initial_loss"], b["final_loss"], reduction, b.get("initial_heldout"),
+            b.get("final_heldout"), b["epochs_run"], b["steps"], round(b["time_s"], 2), round(b["tokens_per_s"]),
+        ])  # fmt: skip
+    settings = ", ".join(f"{k} {v}" for k, v in config.items())
+    total = sum(b["time_s"] for b in blocks)
+    return (
+        "# EBFT per-block reconstruction\n\n"
+        f"Settings: {settings}. Fine-tuning time {total:.1f} s over {len(blocks)} blocks.\n\n"
+        + markdown_table(
+            ["block", "initial MSE", "final MSE", "reduction", "held-out before", "held-out after", "epochs",
+             "steps", "time s", "tokens/s"],
+            rows,
+        )  # fmt: skip
+    )
+
+
+def ebft_plot_png(blocks: list[dict]) -> bytes:
+    """Two panels: each block's training-loss curve over epochs, and the error reduction per block."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=(11, 4))
+    cmap = plt.get_cmap("viridis")
+    for i, b in enumerate(blocks):
+        points = [b["initial_loss"], *b["train_curve"]]
+        curves.plot(range(len(points)), points, color=cmap(i / max(len(blocks) - 1, 1)), lw=1)
+    curves.set_yscale("log")
+    curves.set_xlabel("epoch (0 = before fine-tuning)")
+    curves.set_ylabel("reconstruction MSE")
+    curves.set_title("per-block training loss (dark = early blocks)")
+    reduction = [100 * (1 - b["final_loss"] / b["initial_loss"]) if b["initial_loss"] else 0 for b in blocks]
+    bars.bar([b["block"] for b in blocks], reduction, color="tab:blue")
+    bars.set_xlabel("block")
+    bars.set_ylabel("error reduction (%)")
+    bars.set_title("reconstruction error removed by EBFT")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()

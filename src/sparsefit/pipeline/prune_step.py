@@ -1,0 +1,44 @@
+"""The pruning step of the walker: collect each layer's input statistics, keep the dense outputs, prune."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sparsefit.models.adapters import prunable_layers
+from sparsefit.pipeline.hooks import layer_inputs
+from sparsefit.pipeline.walker import BlockContext
+from sparsefit.prune import Pattern, make_pruner
+
+
+@dataclass
+class PruneStep:
+    """Prune every linear layer of a block with ``method`` from one statistics pass over its inputs.
+
+    The same pass yields the dense block's outputs on the (sparse model's) inputs: the target a
+    recovery step such as EBFT reconstructs.
+    """
+
+    method: str
+    sparsity: float
+    pattern: Pattern
+    options: dict = field(default_factory=dict)
+    keep_dense_outputs: bool = False
+
+    def __call__(self, ctx: BlockContext) -> None:
+        layers = prunable_layers(ctx.block)
+        pruners = {name: make_pruner(self.method, layer, **self.options) for name, layer in layers.items()}
+        collecting = any(p.needs_calibration for p in pruners.values())
+        if collecting or self.keep_dense_outputs:
+
+            def add(name, inp):
+                if pruners[name].needs_calibration:
+                    pruners[name].add_batch(inp)
+
+            with layer_inputs(layers, add):
+                dense = ctx.run_all()
+            if self.keep_dense_outputs:
+                ctx.dense_outputs = dense
+        for name, pruner in pruners.items():
+            ctx.masks[name] = pruner.prune(self.sparsity, self.pattern)
+            pruner.free()
+        ctx.report["pruned_layers"] = len(pruners)

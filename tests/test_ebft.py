@@ -1,0 +1,132 @@
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from sparsefit.errors import UsageError
+from sparsefit.models import get_adapter, prunable_layers, weight_matrix
+from sparsefit.pipeline import PruneConfig, capture_inputs, prune_model
+from sparsefit.pipeline.recover_model import check_teacher, recover_model
+from sparsefit.pipeline.targets import TargetStep
+from sparsefit.pipeline.walker import BlockContext
+from sparsefit.recover.ebft import EBFTConfig, EBFTStep, block_masks, fine_tune_block, preset
+
+IDS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+FAST = EBFTConfig(lr=1e-3, epochs=3, batch_size=2, heldout=2)
+
+
+def _masks(model):
+    return {
+        f"{i}.{name}": (weight_matrix(layer) != 0).clone()
+        for i, block in enumerate(get_adapter(model).get_blocks(model))
+        for name, layer in prunable_layers(block).items()
+    }
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _block_context(model, index=0):
+    adapter = get_adapter(model)
+    inputs, kwargs = capture_inputs(model, adapter, IDS)
+    block = adapter.get_blocks(model)[index]
+    return BlockContext(index, "b", block, inputs, kwargs[index], torch.device("cpu"), 4)
+
+
+def test_fine_tune_block_lowers_loss_and_keeps_masks_exactly():
+    dense = make_tiny_model("llama")
+    model = make_tiny_model("llama")
+    ctx = _block_context(model)
+    targets = _block_context(dense).run_all()
+    prune_model(model, IDS, PruneConfig(method="wanda", sparsity=0.6, device="cpu", nsamples=8, seqlen=32))
+    block = ctx.block
+    masks = block_masks(block)
+    before = {n: weight_matrix(m).clone() for n, m in prunable_layers(block).items()}
+    fit = fine_tune_block(block, ctx.forward, ctx.inputs, targets, masks, FAST, device=ctx.device, seed=0)
+    assert fit.final_loss < 0.8 * fit.initial_loss
+    assert fit.final_heldout is not None and fit.final_heldout < fit.initial_heldout
+    assert len(fit.train_curve) == 3 and fit.steps == 3 * 3
+    for name, layer in prunable_layers(block).items():
+        after = weight_matrix(layer)
+        assert torch.equal(after != 0, masks[name]), name  # zeros stay zero, kept weights stay nonzero
+        assert not torch.equal(after, before[name])  # kept weights moved
+    assert all(not p.requires_grad for p in block.parameters())
+
+
+@pytest.mark.parametrize("target", ["sparse-path", "dense-path"])
+def test_interleaved_prune_then_ebft_runs_for_both_targets(target):
+    model = make_tiny_model("llama")
+    cfg = PruneConfig(method="wanda", sparsity=0.5, device="cpu", nsamples=8, seqlen=32)
+    fits = {}
+    config = EBFTConfig(lr=1e-3, epochs=2, batch_size=2, target=target)
+    steps_before = [TargetStep(target="dense-path")] if target == "dense-path" else []
+    prune_model(
+        model, IDS, cfg, steps_before=steps_before,
+        recover_steps=[EBFTStep(config, on_fit=lambda i, f: fits.__setitem__(i, f))],
+        keep_dense_outputs=target == "sparse-path",
+    )  # fmt: skip
+    assert sorted(fits) == [0, 1]
+    assert all(f.final_loss < f.initial_loss for f in fits.values())
+    for name, keep in _masks(model).items():
+        assert keep.float().mean().item() == pytest.approx(0.5), name
+
+
+def test_two_step_recover_improves_output_and_keeps_masks():
+    dense = make_tiny_model("llama")
+    model = make_tiny_model("llama")
+    prune_model(model, IDS, PruneConfig(method="magnitude", sparsity=0.7, device="cpu", nsamples=8, seqlen=32))
+    masks = _masks(model)
+    with torch.no_grad():
+        want = dense(input_ids=IDS).logits
+        before = torch.nn.functional.mse_loss(model(input_ids=IDS).logits, want).item()
+    recover_model(model, dense, IDS, [EBFTStep(EBFTConfig(lr=1e-3, epochs=4, batch_size=2))],
+                  device=torch.device("cpu"), batch_size=4)  # fmt: skip
+    with torch.no_grad():
+        after = torch.nn.functional.mse_loss(model(input_ids=IDS).logits, want).item()
+    assert after < before
+    for name, keep in _masks(model).items():
+        assert torch.equal(keep, masks[name]), name
+
+
+def test_teacher_must_match():
+    with pytest.raises(UsageError, match="blocks"):
+        check_teacher(make_tiny_model("llama"), make_tiny_model("llama", layers=3))
+    with pytest.raises(UsageError, match="architecture"):
+        check_teacher(make_tiny_model("llama"), make_tiny_model("qwen2"))
+    with pytest.raises(UsageError, match="shape"):
+        check_teacher(make_tiny_model("llama"), make_tiny_model("llama", hidden=32))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(lr=0), "lr"),
+        (dict(lr=-1e-3), "lr"),
+        (dict(epochs=0), "epochs"),
+        (dict(batch_size=9), "larger than"),
+        (dict(heldout=8), "no training window"),
+        (dict(target="teacher"), "target"),
+        (dict(early_stop=2), "held-out"),
+    ],
+)
+def test_bad_config_is_one_clear_error(overrides, message):
+    with pytest.raises(UsageError, match=message):
+        EBFTConfig(**overrides).validate(n_windows=8)
+
+
+def test_presets():
+    assert preset("paper").lr == 2e-4 and preset("paper").epochs == 10 and preset("paper").batch_size == 8
+    assert preset("cpu", lr=5e-4).lr == 5e-4
+    with pytest.raises(UsageError, match="preset"):
+        preset("gpu")
+
+
+def test_gpt2_conv1d_masks_stay_fixed():
+    dense = make_tiny_model("gpt2")
+    model = make_tiny_model("gpt2")
+    prune_model(model, IDS, PruneConfig(method="magnitude", sparsity=0.5, device="cpu", nsamples=8, seqlen=32))
+    masks = _masks(model)
+    recover_model(model, dense, IDS, [EBFTStep(EBFTConfig(lr=1e-3, epochs=1, batch_size=4))],
+                  device=torch.device("cpu"), batch_size=4)  # fmt: skip
+    for name, keep in _masks(model).items():
+        assert torch.equal(keep, masks[name]), name
