@@ -1,0 +1,20 @@
+"""Recovery methods for pruned models; each is one file and one entry in :data:`METHODS`."""
+
+from __future__ import annotations
+
+from sparsefit.errors import UsageError
+from sparsefit.recover.base import RecoveryContext, RecoveryMethod
+from sparsefit.recover.ebft_method import EBFT
+
+METHODS: dict[str, type[RecoveryMethod]] = {
+    "ebft": EBFT,
+}
+
+
+def get_method(name: str) -> RecoveryMethod:
+    if name not in METHODS:
+        raise UsageError(f"recovery method {name!r} is not known; choose one of {', '.join(METHODS)}")
+    return METHODS[name]()
+
+
+__all__ = ["METHODS", "RecoveryContext", "RecoveryMethod", "get_method"]
