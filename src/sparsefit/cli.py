@@ -31,9 +31,27 @@ def _echo_table(title: str, header: list[str], rows: list[list[str]]) -> None:
     console.print(table)
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UsageError(f"output folder {str(out)!r} exists and is not empty; pass --overwrite or choose another")
+# EBFT options, shared by `prune --recover ebft` and `recover --method ebft`. None keeps the preset's value.
+EBFT_PRESET = typer.Option("paper", "--ebft-preset", help="EBFT defaults: paper (official) or cpu (small budget)")
+LR = typer.Option(None, "--lr", help="EBFT learning rate (paper 2e-4)")
+EPOCHS = typer.Option(None, "--epochs", help="EBFT epochs per block (paper 10)")
+EBFT_BATCH = typer.Option(None, "--ebft-batch", help="EBFT windows per optimizer step (paper 8)")
+WEIGHT_DECAY = typer.Option(None, "--weight-decay", help="EBFT AdamW weight decay (paper 0.1)")
+FREEZE_NORMS = typer.Option(False, "--freeze-norms", help="EBFT: train only the masked linear weights")
+TARGET = typer.Option("sparse-path", "--target", help="EBFT target: sparse-path (official) or dense-path")
+HELDOUT = typer.Option(None, "--heldout", help="calibration windows kept out of training for the held-out loss")
+EARLY_STOP = typer.Option(None, "--early-stop", help="stop a block after N epochs without held-out improvement")
+RESUME = typer.Option(False, "--resume", help="continue from the last finished block of an interrupted run")
+
+
+def _ebft_config(preset_name, lr, epochs, batch, weight_decay, freeze_norms, target, heldout, early_stop, seed):
+    from sparsefit.recover.ebft import preset
+
+    return preset(
+        preset_name, lr=lr, epochs=epochs, batch_size=batch, weight_decay=weight_decay,
+        train_norms=False if freeze_norms else None, target=target, heldout=heldout, early_stop=early_stop,
+        seed=seed,
+    )  # fmt: skip
 
 
 @app.command()
@@ -56,8 +74,20 @@ def prune(
     out: Path = typer.Option(..., help="output run folder"),
     overwrite: bool = typer.Option(False, help="replace a non-empty output folder"),
     trust_remote_code: bool = typer.Option(False),
+    recover: str = typer.Option("", help="recover each block right after pruning it: ebft"),
+    ebft_preset: str = EBFT_PRESET,
+    lr: float = LR,
+    epochs: int = EPOCHS,
+    ebft_batch: int = EBFT_BATCH,
+    weight_decay: float = WEIGHT_DECAY,
+    freeze_norms: bool = FREEZE_NORMS,
+    target: str = TARGET,
+    heldout: int = HELDOUT,
+    early_stop: int = EARLY_STOP,
+    resume: bool = RESUME,
 ) -> None:
     """Prune a model and write a run folder (safetensors with exact zeros, sparsity.json, run.json)."""
+    from sparsefit.export.run_folder import check_output
     from sparsefit.pipeline.jobs import run_prune
     from sparsefit.pipeline.prune_model import PruneConfig
 
@@ -66,7 +96,14 @@ def prune(
         seed=seed, batch_size=batch_size, device=device, sparsegpt_update=sparsegpt_update,
     )  # fmt: skip
     config.validate()
-    _check_out(out, overwrite)
+    if recover not in ("", "ebft"):
+        raise UsageError(f"--recover {recover!r} is not supported while pruning; use ebft (others: sparsefit compare)")
+    ebft = None
+    if recover == "ebft":
+        ebft = _ebft_config(ebft_preset, lr, epochs, ebft_batch, weight_decay, freeze_norms, target, heldout,
+                            early_stop, seed)  # fmt: skip
+        ebft.validate(nsamples)
+    check_output(out, overwrite)
     run = run_prune(
         model,
         config,
@@ -77,8 +114,72 @@ def prune(
         eval_seqlen=eval_seqlen,
         eval_max_tokens=eval_max_tokens,
         trust_remote_code=trust_remote_code,
+        recover=ebft,
+        resume=resume,
     )
     typer.echo(f"wrote {out} (sparsity {run['results']['sparsity']:.4f}, {run['timings']['prune_s']:.1f} s)")
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(None, help="recipe YAML; default: Wanda 50% + EBFT (cpu preset) on smollm2-135m"),
+    runs_dir: Path = typer.Option(Path("runs"), help="where runs/<name>/ is written"),
+) -> None:
+    """The main job: prune, recover, evaluate dense / pruned / recovered, write runs/<name>/report.md."""
+    from sparsefit.pipeline.recipe import Recipe, run_recipe
+
+    summary = run_recipe(Recipe.load(recipe), runs_root=runs_dir)
+    out = runs_dir / summary["recipe"]["name"]
+    typer.echo((out / "report.md").read_text())
+    typer.echo(f"wrote {out}/report.md in {summary['timings']['total_s']:.0f} s")
+
+
+@app.command("recover")
+def recover_(
+    run_dir: Path = typer.Argument(..., help="a sparse run folder (from sparsefit prune)"),
+    method: str = typer.Option("ebft", help="recovery method: ebft"),
+    teacher: str = typer.Option(None, help="dense model; default: the source model recorded in run.json"),
+    calib: str = typer.Option(None, help="calibration corpus; default: the one the masks were made with"),
+    nsamples: int = typer.Option(None, help="calibration windows; default: as in run.json"),
+    seqlen: int = typer.Option(None, help="tokens per window; default: as in run.json"),
+    seed: int = typer.Option(None),
+    batch_size: int = typer.Option(8, help="windows per forward pass when propagating"),
+    device: str = typer.Option("auto"),
+    ebft_preset: str = EBFT_PRESET,
+    lr: float = LR,
+    epochs: int = EPOCHS,
+    ebft_batch: int = EBFT_BATCH,
+    weight_decay: float = WEIGHT_DECAY,
+    freeze_norms: bool = FREEZE_NORMS,
+    target: str = TARGET,
+    heldout: int = HELDOUT,
+    early_stop: int = EARLY_STOP,
+    eval_ppl: str = typer.Option("", help="after recovery, perplexity on these corpora (e.g. wiki,books)"),
+    eval_seqlen: int = typer.Option(1024),
+    eval_max_tokens: int = typer.Option(None),
+    out: Path = typer.Option(..., help="output run folder"),
+    overwrite: bool = typer.Option(False),
+    resume: bool = RESUME,
+) -> None:
+    """Recover a sparse run folder against its dense teacher, masks fixed (the two-step mode)."""
+    from sparsefit.export.run_folder import check_output, check_run_folder
+    from sparsefit.pipeline.jobs import run_recover
+
+    if method != "ebft":
+        raise UsageError(f"recovery method {method!r} is not available here; use ebft (others: sparsefit compare)")
+    check_run_folder(run_dir)
+    ebft = _ebft_config(ebft_preset, lr, epochs, ebft_batch, weight_decay, freeze_norms, target, heldout,
+                        early_stop, 0 if seed is None else seed)  # fmt: skip
+    ebft.validate()
+    check_output(out, overwrite)
+    run = run_recover(
+        run_dir, out, ebft, teacher=teacher, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+        batch_size=batch_size, device=device, overwrite=overwrite, resume=resume, eval_ppl=eval_ppl,
+        eval_seqlen=eval_seqlen, eval_max_tokens=eval_max_tokens,
+    )  # fmt: skip
+    blocks = run["blocks"]
+    gain = sum(b["ebft"]["initial_loss"] - b["ebft"]["final_loss"] for b in blocks if "ebft" in b)
+    typer.echo(f"wrote {out} ({len(blocks)} blocks, summed reconstruction MSE reduced by {gain:.4g})")
 
 
 @app.command("eval")
@@ -128,6 +229,49 @@ def eval_(
 
 
 @app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="a sparsefit run folder"),
+    format: str = typer.Option("hf", "--format", help="hf (exact zeros) or compressed (bitmask + values)"),
+    masks: bool = typer.Option(False, "--masks", help="also write masks.safetensors (packed bits)"),
+    out: Path = typer.Option(..., help="output folder"),
+    overwrite: bool = typer.Option(False),
+) -> None:
+    """Export a run folder: a checkpoint plain transformers loads, with a model card."""
+    from sparsefit.export import export_compressed, export_hf
+
+    if format == "hf":
+        path = export_hf(run_dir, out, overwrite=overwrite, masks=masks)
+    elif format == "compressed":
+        if masks:
+            raise UsageError("--masks goes with --format hf; the compressed format already stores bitmasks")
+        path = export_compressed(run_dir, out, overwrite=overwrite)
+    else:
+        raise UsageError(f"--format {format!r} is not known; use hf or compressed")
+    typer.echo(f"wrote {path}")
+
+
+@app.command("bench-inference")
+def bench_inference(
+    model: str = typer.Option(None, help="a 2:4 run folder or model, for the whole-model GPU table"),
+    device: str = typer.Option("auto"),
+    batches: str = typer.Option(None, help="comma-separated batch sizes, e.g. 1,4,16,64"),
+    prompt_len: int = typer.Option(None),
+    new_tokens: int = typer.Option(None),
+    threads: int = typer.Option(None, help="CPU threads (default 1)"),
+    out_dir: Path = typer.Option(Path("bench/results")),
+) -> None:
+    """Dense vs sparse kernels, prefill vs decode: what PyTorch actually gives on this device."""
+    from sparsefit.export.inference_bench import main as bench_main
+
+    argv = ["--device", device, "--out-dir", str(out_dir)]
+    for flag, value in (("--model", model), ("--batches", batches), ("--prompt-len", prompt_len),
+                        ("--new-tokens", new_tokens), ("--threads", threads)):  # fmt: skip
+        if value is not None:
+            argv += [flag, str(value)]
+    bench_main(argv)
+
+
+@app.command()
 def info(run_dir: Path = typer.Argument(..., help="a run folder or checkpoint folder")) -> None:
     """Sparsity per layer and the N:M pattern check."""
     from sparsefit.models import load
@@ -150,7 +294,7 @@ def info(run_dir: Path = typer.Argument(..., help="a run folder or checkpoint fo
 def main() -> None:
     """Entry point: bad input is one line on stderr and exit code 2, never a traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # returns 130 on Ctrl-C instead of raising
     except UsageError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -168,6 +312,10 @@ def main() -> None:
         if isinstance(exc, click.exceptions.Abort):
             sys.exit(130)
         raise
+    if isinstance(code, int) and code:
+        if code == 130:
+            typer.echo("interrupted; run again with --resume to continue from the last finished block", err=True)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -185,7 +185,7 @@ def run_prune(
     from sparsefit.data import calibration_windows, get_corpus
     from sparsefit.models import get_adapter, load, parse_dtype
     from sparsefit.pipeline.checkpoint import BlockCheckpoint
-    from sparsefit.pipeline.prune_model import prune_model, resolve_device
+    from sparsefit.pipeline.prune_model import check_pattern_fits, prune_model, resolve_device
     from sparsefit.pipeline.targets import TargetStep
     from sparsefit.progress import bar
 
@@ -198,6 +198,7 @@ def run_prune(
     timings: dict[str, float] = {}
     with timed(timings, "load_s"):
         loaded = load(model_name, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code)
+    check_pattern_fits(loaded.model, config.pattern)
     with timed(timings, "calibration_s"):
         calib = calibration_windows(
             loaded.tokenizer, get_corpus(config.calib), config.nsamples, config.seqlen, config.seed

@@ -1,0 +1,103 @@
+"""Pruning benchmark on SmolLM2: perplexity after magnitude / Wanda / SparseGPT at 50/60/70% and 2:4,
+pruning time as a ratio to one dense calibration forward measured in the same run, and peak memory.
+
+    .venv/bin/python bench/prune.py                      # the issue's setting (wiki 128 x 512)
+    .venv/bin/python bench/prune.py --nsamples 16 --max-tokens 4096   # a quick look
+
+Each configuration runs in its own process, so its peak resident memory is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch  # noqa: E402
+
+from common import peak_rss_mb, run_isolated, write_results  # noqa: E402
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+SETTINGS = (("0.5", "unstructured"), ("0.6", "unstructured"), ("0.7", "unstructured"), ("0.5", "2:4"))
+
+
+def measure(args: argparse.Namespace, method: str, sparsity: float, pattern: str) -> dict:
+    """Load, time one dense calibration forward (method 'dense') or a pruning run, evaluate."""
+    from sparsefit.data import calibration_windows, get_corpus
+    from sparsefit.models import get_adapter, load
+    from sparsefit.pipeline import PruneConfig, capture_inputs, prune_model, walk_blocks
+    from sparsefit.pipeline.jobs import evaluate_model
+
+    torch.manual_seed(0)
+    loaded = load(args.model)
+    calib = calibration_windows(loaded.tokenizer, get_corpus("wiki"), args.nsamples, args.seqlen, 0)
+    began = time.perf_counter()
+    if method == "dense":
+        # One calibration forward through the same walker the pruners use, no steps.
+        adapter = get_adapter(loaded.model)
+        inputs, kwargs = capture_inputs(loaded.model, adapter, calib, batch_size=args.batch_size)
+        with torch.no_grad():
+            walk_blocks(loaded.model, adapter, inputs, kwargs, [], batch_size=args.batch_size)
+    else:
+        config = PruneConfig(method=method, sparsity=sparsity, pattern=pattern, nsamples=args.nsamples,
+                             seqlen=args.seqlen, batch_size=args.batch_size, device="cpu")  # fmt: skip
+        prune_model(loaded.model, calib, config)
+    seconds = time.perf_counter() - began
+    results = evaluate_model(loaded.model, loaded.tokenizer, ppl=["wiki", "books"], seqlen=args.eval_seqlen,
+                             max_tokens=args.max_tokens)  # fmt: skip
+    return {"status": "ok", "time_s": seconds, "ppl": results["ppl"], "peak_rss_mb": peak_rss_mb()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--eval-seqlen", type=int, default=1024)
+    parser.add_argument("--max-tokens", type=int, default=16384, help="test tokens per corpus")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--one", nargs=3, metavar=("METHOD", "SPARSITY", "PATTERN"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    common = ["--model", args.model, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+              "--batch-size", str(args.batch_size), "--eval-seqlen", str(args.eval_seqlen),
+              "--max-tokens", str(args.max_tokens)]  # fmt: skip
+    if args.one:
+        method, sparsity, pattern = args.one
+        print(json.dumps(measure(args, method, float(sparsity), pattern)))
+        return
+
+    runs = {"dense": run_isolated(__file__, [*common, "dense", "0", "unstructured"])}
+    for method in args.methods.split(","):
+        for sparsity, pattern in SETTINGS:
+            key = f"{method} {pattern if pattern != 'unstructured' else sparsity}"
+            print(f"running {key} ...", file=sys.stderr, flush=True)
+            runs[key] = run_isolated(__file__, [*common, method, sparsity, pattern])
+    dense = runs["dense"]
+    forward_s = dense["time_s"]
+    rows = []
+    for key, r in runs.items():
+        if r["status"] != "ok":
+            rows.append([key, "failed", r["error"], "", "", ""])
+            continue
+        r["time_ratio"] = r["time_s"] / forward_s
+        rows.append([key, round(r["ppl"]["wiki"]["value"], 2), round(r["ppl"]["books"]["value"], 2),
+                     round(r["time_s"], 1), round(r["time_ratio"], 2), round(r["peak_rss_mb"])])  # fmt: skip
+    setting = {k: v for k, v in vars(args).items() if k not in ("one",)}
+    notes = (
+        f"SmolLM2-135M on 2 CPU cores, torch {torch.__version__}. Calibration `wiki` {args.nsamples} x {args.seqlen}; "
+        f"perplexity on the first {args.max_tokens} test tokens of each corpus at seqlen {args.eval_seqlen}. "
+        f"Time ratio = pruning wall time / one dense calibration forward through the walker ({forward_s:.1f} s), "
+        "both measured in this run (goal: Wanda <= 1.5x, SparseGPT <= 3x). Peak RSS is each process's own "
+        "(model load included)."
+    )
+    header = ["run", "ppl wiki", "ppl books", "time s", "time / dense fwd", "peak RSS MB"]
+    write_results("prune", {"setting": setting, "runs": runs}, header, rows, notes)
+
+
+if __name__ == "__main__":
+    main()

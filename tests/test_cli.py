@@ -1,0 +1,178 @@
+"""The CLI end to end on a tiny checkpoint and a local text corpus."""
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_byte_tokenizer, make_tiny_model
+from sparsefit.cli import main
+from sparsefit.recover import ebft
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model = make_tiny_model("llama", layers=3)
+    tokenizer = make_byte_tokenizer()
+    model.save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly bakers".split()
+    docs = [" ".join(rng.choice(words) for _ in range(120)) for _ in range(30)]
+    (root / "corpus.txt").write_text("\n\n".join(docs))
+    return root
+
+
+def cli(monkeypatch, *args) -> int:
+    monkeypatch.setattr("sys.argv", ["sparsefit", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+        raise SystemExit(0)
+    return exit_info.value.code
+
+
+def prune_args(ws, out, *extra):
+    return ["prune", "--model", ws / "tiny", "--calib", ws / "corpus.txt", "--nsamples", 8, "--seqlen", 64,
+            "--device", "cpu", "--out", out, *extra]  # fmt: skip
+
+
+EBFT_ARGS = ["--recover", "ebft", "--ebft-preset", "cpu", "--lr", "1e-3", "--epochs", 2]
+
+
+def test_prune_writes_a_run_folder(workspace, monkeypatch, tmp_path):
+    out = tmp_path / "pruned"
+    assert cli(monkeypatch, *prune_args(workspace, out, "--pattern", "2:4", "--method", "sparsegpt")) == 0
+    run = json.loads((out / "run.json").read_text())
+    sparsity = json.loads((out / "sparsity.json").read_text())
+    assert run["config"]["method"] == "sparsegpt" and run["source_model"] == str(workspace / "tiny")
+    assert sparsity["overall"] == 0.5 and sparsity["pattern_ok"] is True
+    weights = load_file(out / "model.safetensors")
+    q = weights["model.layers.0.self_attn.q_proj.weight"]
+    assert (q.reshape(q.shape[0], -1, 4) == 0).sum(-1).min() >= 2  # 2:4 in the saved file
+    source = load_file(workspace / "tiny" / "model.safetensors")
+    assert torch.equal(weights["model.embed_tokens.weight"], source["model.embed_tokens.weight"])  # never pruned
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sparsity", "1.0"], "outside [0, 1)"),
+        (["--pattern", "4:2"], "N:M"),
+        (["--pattern", "2:5"], "5"),
+        (["--method", "obs"], "unknown method"),
+        (["--nsamples", "0"], "nsamples"),
+        (["--seqlen", "100000"], "seqlen"),
+        (["--calib", "no-such-corpus"], "no-such-corpus"),
+        (["--recover", "ebft", "--lr", "0"], "lr"),
+        (["--recover", "ebft", "--epochs", "0"], "epochs"),
+        (["--recover", "ebft", "--ebft-batch", "64"], "larger than"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(workspace, monkeypatch, tmp_path, capsys, args, message):
+    out = tmp_path / "bad"
+    assert cli(monkeypatch, *prune_args(workspace, out), *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_existing_output_needs_overwrite(workspace, monkeypatch, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert cli(monkeypatch, *prune_args(workspace, out)) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "x"
+
+
+def test_interrupted_ebft_run_resumes_bit_identically(workspace, monkeypatch, tmp_path):
+    full = tmp_path / "full"
+    assert cli(monkeypatch, *prune_args(workspace, full, *EBFT_ARGS)) == 0
+
+    original = ebft.EBFTStep.__call__
+
+    def killed_at_block_1(self, ctx):
+        if ctx.index == 1:
+            raise KeyboardInterrupt  # as if the process were killed mid-block
+        return original(self, ctx)
+
+    resumed = tmp_path / "resumed"
+    monkeypatch.setattr(ebft.EBFTStep, "__call__", killed_at_block_1)
+    assert cli(monkeypatch, *prune_args(workspace, resumed, *EBFT_ARGS)) == 130
+    assert not resumed.exists()  # nothing half-written
+    partial = tmp_path / ".resumed.partial"
+    assert json.loads((partial / "progress.json").read_text())["next_block"] == 1
+
+    monkeypatch.setattr(ebft.EBFTStep, "__call__", original)
+    assert cli(monkeypatch, *prune_args(workspace, resumed, *EBFT_ARGS, "--resume")) == 0
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert not partial.exists()
+    report = json.loads((resumed / "ebft.json").read_text())
+    assert [blk["block"] for blk in report["blocks"]] == [0, 1, 2]
+
+
+def test_resume_with_other_settings_is_refused(workspace, monkeypatch, tmp_path, capsys):
+    out = tmp_path / "r"
+    original = ebft.EBFTStep.__call__
+
+    def killed(self, ctx):
+        if ctx.index == 1:
+            raise KeyboardInterrupt
+        return original(self, ctx)
+
+    monkeypatch.setattr(ebft.EBFTStep, "__call__", killed)
+    assert cli(monkeypatch, *prune_args(workspace, out, *EBFT_ARGS)) == 130
+    monkeypatch.setattr(ebft.EBFTStep, "__call__", original)
+    assert cli(monkeypatch, *prune_args(workspace, out, *EBFT_ARGS[:-1], 3, "--resume")) == 2
+    assert "settings differ" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target", ["sparse-path", "dense-path"])
+def test_two_step_recover_from_a_run_folder(workspace, monkeypatch, tmp_path, target):
+    pruned = tmp_path / "pruned"
+    assert cli(monkeypatch, *prune_args(workspace, pruned, "--sparsity", "0.6")) == 0
+    out = tmp_path / "recovered"
+    code = cli(monkeypatch, "recover", pruned, "--ebft-preset", "cpu", "--lr", "1e-3", "--epochs", 2,
+               "--target", target, "--device", "cpu", "--out", out)  # fmt: skip
+    assert code == 0
+    before, after = load_file(pruned / "model.safetensors"), load_file(out / "model.safetensors")
+    for key, value in before.items():
+        if value.dim() == 2 and "layers" in key:
+            assert torch.equal(value == 0, after[key] == 0), key  # masks bit-identical
+    report = json.loads((out / "ebft.json").read_text())
+    assert all(b["final_loss"] < b["initial_loss"] for b in report["blocks"])
+    run = json.loads((out / "run.json").read_text())
+    assert run["source_model"] == str(workspace / "tiny") and run["ebft"]["target"] == target
+    assert (out / "ebft.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_recover_rejects_bad_folders_and_teachers(workspace, monkeypatch, tmp_path, capsys):
+    assert cli(monkeypatch, "recover", workspace / "tiny", "--out", tmp_path / "o") == 2
+    assert "run.json" in capsys.readouterr().err
+    pruned = tmp_path / "pruned"
+    assert cli(monkeypatch, *prune_args(workspace, pruned)) == 0
+    other = tmp_path / "other"
+    make_tiny_model("llama", layers=2).save_pretrained(other)
+    make_byte_tokenizer().save_pretrained(other)
+    assert cli(monkeypatch, "recover", pruned, "--teacher", other, "--device", "cpu", "--out", tmp_path / "o") == 2
+    assert "blocks" in capsys.readouterr().err
+
+
+def test_info_and_eval_json(workspace, monkeypatch, tmp_path, capsys):
+    pruned = tmp_path / "pruned"
+    assert cli(monkeypatch, *prune_args(workspace, pruned, "--pattern", "2:4")) == 0
+    capsys.readouterr()
+    assert cli(monkeypatch, "info", pruned) == 0
+    assert "holds in every layer" in capsys.readouterr().out
+    code = cli(monkeypatch, "eval", pruned, "--ppl", workspace / "corpus.txt", "--seqlen", 64, "--max-tokens", 256,
+               "--device", "cpu", "--json")  # fmt: skip
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    entry = result["ppl"][str(workspace / "corpus.txt")]
+    assert entry["seqlen"] == 64 and entry["tokens"] == 256 and entry["value"] > 1
