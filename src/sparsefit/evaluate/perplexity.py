@@ -1,0 +1,120 @@
+"""Perplexity by the WikiText-2 protocol used by SparseGPT, Wanda, DSnoT and EBFT.
+
+The test text is tokenized once (``sparsefit.data.test_stream``), cut into non-overlapping windows of
+``seqlen`` tokens (the remainder is dropped), and
+
+    ppl = exp( sum_w nll_w / (n_windows * seqlen) ),   nll_w = seqlen * mean CE of window w's shifted logits.
+
+Each window predicts only its last ``seqlen - 1`` tokens, yet the reference multiplies that mean by ``seqlen``;
+we keep this exact convention (it equals ``exp`` of the mean per-window loss) so numbers compare with the
+papers'. The sequence length changes the number: always report it with the number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsefit.errors import UsageError
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    value: float
+    seqlen: int
+    tokens: int  # n_windows * seqlen: the tokens evaluated (the remainder of the stream is dropped)
+    windows: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _context_length(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    value = getattr(config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def _check_int(name: str, value, example: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UsageError(f"{name} {value!r} is not accepted; give a positive integer such as {example}")
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    stream: torch.Tensor,
+    seqlen: int = 1024,
+    max_tokens: int | None = None,
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> PerplexityResult:
+    """Perplexity of ``model`` on a token ``stream`` (LongTensor (1, T) or (T,)) in windows of ``seqlen``.
+
+    ``max_tokens`` keeps only the first tokens of the stream. ``device`` (default: where the model is) runs the
+    model there; a model moved for this call is moved back afterwards. ``progress(done, total)`` is called
+    after each batch with window counts.
+    """
+    _check_int("seqlen", seqlen, 1024)
+    if seqlen < 2:
+        raise UsageError(f"seqlen {seqlen} is too short to predict a token; give at least 2, such as 1024")
+    _check_int("batch_size", batch_size, 1)
+    if max_tokens is not None:
+        _check_int("max_tokens", max_tokens, 16384)
+        if max_tokens < seqlen:
+            raise UsageError(f"max_tokens {max_tokens} is smaller than seqlen {seqlen}; give at least one window")
+    if stream.dim() == 2 and stream.shape[0] == 1:
+        stream = stream[0]
+    if stream.dim() != 1 or stream.dtype not in (torch.long, torch.int32, torch.int64):
+        raise UsageError(
+            f"token stream of shape {tuple(stream.shape)} and {stream.dtype} is not accepted; give a LongTensor (1, T)"
+        )
+    if max_tokens is not None:
+        stream = stream[:max_tokens]
+    windows = stream.numel() // seqlen
+    if windows == 0:
+        raise UsageError(
+            f"seqlen {seqlen} is longer than the evaluation text ({stream.numel()} tokens); use a smaller --seqlen"
+        )
+    context = _context_length(model)
+    if context is not None and seqlen > context:
+        raise UsageError(
+            f"seqlen {seqlen} is longer than the model's context ({context} positions); use a smaller --seqlen"
+        )
+
+    first = next(model.parameters(), None)
+    home = first.device if first is not None else torch.device("cpu")
+    target = torch.device(device) if device is not None else home
+    # A model spread over devices by accelerate (hf_device_map) must not be moved as a whole.
+    movable = target != home and not getattr(model, "hf_device_map", None)
+    was_training = model.training
+    model.eval()
+    if movable:
+        model.to(target)
+    try:
+        data = stream[: windows * seqlen].to(torch.long).view(windows, seqlen)
+        total_nll = 0.0  # float64 (Python) accumulator; each window's nll is computed in float32
+        done = 0
+        for start in range(0, windows, batch_size):
+            batch = data[start : start + batch_size].to(target)
+            logits = model(input_ids=batch, use_cache=False).logits
+            for row in range(batch.shape[0]):  # one window at a time keeps the float32 copy of the logits small
+                shifted = logits[row, :-1, :].float()
+                loss = F.cross_entropy(shifted, batch[row, 1:].to(shifted.device), reduction="mean")
+                total_nll += loss.item() * seqlen  # the reference's convention (see the module docstring)
+            done += batch.shape[0]
+            del logits
+            if progress is not None:
+                progress(done, windows)
+    finally:
+        if movable:
+            model.to(home)
+        model.train(was_training)
+    value = math.exp(total_nll / (windows * seqlen))
+    return PerplexityResult(value=value, seqlen=seqlen, tokens=windows * seqlen, windows=windows)
