@@ -87,7 +87,13 @@ def evaluate_model(
     if task_names:
         from sparsefit.evaluate.zeroshot import evaluate_tasks
 
-        results["tasks"] = evaluate_tasks(model, tokenizer, task_names, limit=limit, device=device)
+        results["tasks"] = {}
+        for task in task_names:
+            with _maybe_bar(bar, f"zero-shot {task}", 1) as update:
+                progress = (lambda _t, done, total: update(done=done / total)) if update else None
+                results["tasks"].update(
+                    evaluate_tasks(model, tokenizer, [task], limit=limit, device=device, progress=progress)
+                )
     model.to("cpu")
     return results
 

@@ -1,0 +1,216 @@
+"""Zero-shot accuracy on eight standard tasks, scored as lm-evaluation-harness scores them, offline.
+
+Every task is a list of loglikelihood requests ``(context, continuation)``. A request is tokenized as lm-eval's
+``HFLM._encode_pair`` does (trailing spaces of the context move to the continuation; the continuation tokens are
+``encode(context + continuation)`` minus the first ``len(encode(context))`` tokens), and scored from one forward
+over context + continuation. Requests are sorted by length and batched with right padding; requests whose model
+inputs are identical (one-token continuations after the same context, e.g. BoolQ's " no" / " yes") share one row.
+
+Metrics: ``acc`` picks the choice with the highest loglikelihood, ``acc_norm`` the highest loglikelihood per
+character of the choice (lm-eval's acc_norm), and LAMBADA reports greedy-match accuracy and
+``ppl = exp(-mean loglikelihood of the last word)``. Ties go to the first choice, as ``numpy.argmax`` does.
+
+lm-eval divides by ``len(choice)``, not by the length of the scored continuation ``" " + choice`` that oe-eval's
+``acc_per_char`` uses; on SmolLM2 and the first 100 documents that moves acc_norm by up to 0.03 (BoolQ 0.58 vs 0.55).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from sparsefit.errors import UsageError
+from sparsefit.evaluate.tasks import TASKS, Doc, check_limit, check_task, load_task
+
+__all__ = ["TASKS", "evaluate_tasks", "loglikelihoods", "parse_tasks", "score_docs"]
+
+# progress(task, requests_done, requests_total), called after every batch.
+Progress = Callable[[str, int, int], None]
+
+
+def parse_tasks(spec: str) -> list[str]:
+    """``"arc_easy,piqa"`` -> ``["arc_easy", "piqa"]``; ``"all"`` gives every task. Duplicates are dropped."""
+    names = [part.strip() for part in spec.split(",") if part.strip()]
+    if not names:
+        raise UsageError(f"no task named in {spec!r}; known tasks: {', '.join(TASKS)} (or 'all')")
+    if names == ["all"]:
+        return list(TASKS)
+    for name in names:
+        check_task(name)
+    return list(dict.fromkeys(names))
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _prefix_tokens(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts in front by default (a BOS for Llama-2-style ones, none for SmolLM2)."""
+    probe = "a"
+    with_special = list(tokenizer(probe)["input_ids"])
+    plain = _encode(tokenizer, probe)
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start : start + len(plain)] == plain:
+            return with_special[:start]
+    return []
+
+
+def _encode_pair(tokenizer, prefix: list[int], context: str, continuation: str) -> tuple[list[int], list[int]]:
+    # lm-eval: a trailing space belongs to the continuation, where BPE tokenizers attach it to the next word.
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        continuation = context[-spaces:] + continuation
+        context = context[:-spaces]
+    whole = _encode(tokenizer, context + continuation)
+    context_ids = _encode(tokenizer, context)
+    continuation_ids = whole[len(context_ids) :]
+    context_ids = prefix + context_ids
+    if not context_ids:
+        # Nothing to condition the first token on: lm-eval starts from the end-of-text (or BOS) token.
+        start = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+        if start is None:
+            raise UsageError("an empty context needs a tokenizer with an eos or bos token")
+        context_ids = [start]
+    if not continuation_ids:
+        raise UsageError(f"continuation {continuation!r} encodes to no tokens")
+    return context_ids, continuation_ids
+
+
+def _max_length(model: nn.Module, tokenizer) -> int:
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(getattr(model, "config", None), attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and 0 < value < 1_000_000 else 2048
+
+
+@torch.no_grad()
+def loglikelihoods(
+    model: nn.Module,
+    tokenizer,
+    requests: Sequence[tuple[str, str]],
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> list[tuple[float, bool]]:
+    """``(sum of log p(continuation tokens | context), all continuation tokens are the greedy argmax)`` per request.
+
+    ``model`` must already be on ``device``. ``progress(done, total)`` counts requests.
+    """
+    if batch_size <= 0:
+        raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
+    prefix = _prefix_tokens(tokenizer)
+    max_length = _max_length(model, tokenizer)
+    # (model input, continuation) per request; the input drops the last token, whose prediction nobody needs.
+    # Too-long inputs lose tokens on the left, as in lm-eval.
+    encoded = []
+    for context, continuation in requests:
+        context_ids, continuation_ids = _encode_pair(tokenizer, prefix, context, continuation)
+        whole = (context_ids + continuation_ids)[-(max_length + 1) :]
+        encoded.append((tuple(whole[:-1]), continuation_ids[-(len(whole) - 1) :]))
+    rows: dict[tuple[int, ...], list[int]] = {}
+    for index, (inputs, _) in enumerate(encoded):
+        rows.setdefault(inputs, []).append(index)
+    # Longest first, as lm-eval does: the padding within a batch stays small and a memory error shows up at once.
+    order = sorted(rows, key=lambda inputs: (-len(inputs), inputs))
+    keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    results: list[tuple[float, bool] | None] = [None] * len(requests)
+    done = 0
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        width = len(batch[0])
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, inputs in enumerate(batch):
+            input_ids[row, : len(inputs)] = torch.tensor(inputs)
+            attention_mask[row, : len(inputs)] = 1
+        # Only the positions that predict a continuation token need logits (vocab-sized rows are the memory cost).
+        first = min(len(inputs) - len(encoded[i][1]) for inputs in batch for i in rows[inputs])
+        kwargs = {"logits_to_keep": width - first} if keep_logits else {}
+        logits = model(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False, **kwargs
+        ).logits
+        offset = width - logits.shape[1]  # position of logits[:, 0]
+        for row, inputs in enumerate(batch):
+            for index in rows[inputs]:
+                target = encoded[index][1]
+                begin = len(inputs) - len(target) - offset
+                scores = torch.log_softmax(logits[row, begin : begin + len(target)].float(), dim=-1)
+                target_ids = torch.tensor(target, device=scores.device)
+                logprob = scores.gather(1, target_ids[:, None]).sum().item()
+                greedy = bool((scores.argmax(dim=-1) == target_ids).all())
+                results[index] = (logprob, greedy)
+                done += 1
+        if progress is not None:
+            progress(done, len(requests))
+    return results  # type: ignore[return-value]
+
+
+def score_docs(docs: Sequence[Doc], results: Sequence[tuple[float, bool]], lambada: bool = False) -> dict:
+    """Aggregate per-request results (in the docs' request order) into the task's metrics."""
+    if lambada:
+        lls = [ll for ll, _ in results]
+        return {
+            "acc": sum(greedy for _, greedy in results) / len(results),
+            "ppl": math.exp(-sum(lls) / len(lls)),
+            "n": len(results),
+        }
+    acc = acc_norm = 0
+    position = 0
+    for doc in docs:
+        lls = [ll for ll, _ in results[position : position + len(doc.continuations)]]
+        position += len(doc.continuations)
+        normed = [ll / max(length, 1) for ll, length in zip(lls, doc.lengths, strict=True)]
+        # max(range, key) returns the first maximum, like numpy.argmax in lm-eval.
+        acc += max(range(len(lls)), key=lls.__getitem__) == doc.gold
+        acc_norm += max(range(len(normed)), key=normed.__getitem__) == doc.gold
+    return {"acc": acc / len(docs), "acc_norm": acc_norm / len(docs), "n": len(docs)}
+
+
+def evaluate_tasks(
+    model: nn.Module,
+    tokenizer,
+    tasks: list[str],
+    limit: int | None = None,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    progress: Progress | None = None,
+) -> dict:
+    """Zero-shot metrics of ``model`` on ``tasks`` over their first ``limit`` documents (all when None).
+
+    Returns ``{task: {"acc", "acc_norm", "n"}}`` (WinoGrande's acc_norm equals its acc: both options share one
+    continuation) and ``{"lambada": {"acc", "ppl", "n"}}``. The model is moved to ``device`` and put in eval mode
+    for the run; its training flag is restored afterwards.
+    """
+    if isinstance(tasks, str):  # "arc_easy,piqa" would otherwise be iterated letter by letter
+        tasks = parse_tasks(tasks)
+    for name in tasks:
+        check_task(name)
+    check_limit(limit)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
+    # Load every task first so that a missing data file fails before any model time is spent.
+    loaded = {name: load_task(name, limit) for name in dict.fromkeys(tasks)}
+    was_training = model.training
+    model.to(device)
+    model.eval()
+    try:
+        metrics = {}
+        for name, docs in loaded.items():
+            requests = [pair for doc in docs for pair in zip(doc.contexts, doc.continuations, strict=True)]
+
+            def report(done: int, total: int, name: str = name) -> None:
+                if progress is not None:
+                    progress(name, done, total)
+
+            results = loglikelihoods(model, tokenizer, requests, batch_size, device, report)
+            metrics[name] = score_docs(docs, results, lambada=name == "lambada")
+        return metrics
+    finally:
+        model.train(was_training)
