@@ -20,10 +20,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_isolated(script: str, args: list[str]) -> dict:
-    """Run ``script --one ARGS`` in a new process and return the JSON it prints last (peak memory is its own)."""
+def run_isolated(script: str, options: list[str], one: list[str]) -> dict:
+    """Run ``script OPTIONS --one ONE`` in a new process; return the JSON it prints last (its own peak memory)."""
     proc = subprocess.run(
-        [sys.executable, script, "--one", *args], capture_output=True, text=True, env={**os.environ}
+        [sys.executable, script, *options, "--one", *one], capture_output=True, text=True, env={**os.environ}
     )
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]

@@ -124,12 +124,14 @@ def main() -> None:
         if getattr(args, key) is not None:
             passed += [f"--{key.replace('_', '-')}", str(getattr(args, key))]  # fmt: skip
     peak = matmul_peak_gflops()
-    runs = {"dense": run_isolated(__file__, [*passed, "dense", "-"])}
+    runs = {"dense": run_isolated(__file__, passed, ["dense", "-"])}
+    if runs["dense"]["status"] != "ok":
+        sys.exit(f"the dense run failed: {runs['dense']['error']}")
     jobs = [(s, "sparse-path") for s in args.settings.split(",")]
     jobs += [(s, "dense-path") for s in args.dense_path.split(",") if s]
     for setting, target in jobs:
         print(f"running {setting} {target} ...", file=sys.stderr, flush=True)
-        runs[f"{setting} {target}"] = run_isolated(__file__, [*passed, setting, target])
+        runs[f"{setting} {target}"] = run_isolated(__file__, passed, [setting, target])
     dense = runs["dense"]["ppl"]
     rows = [["dense", "", round(dense["wiki"], 2), "", round(dense["books"], 2), "", "", "", "", "", "",
              round(runs["dense"]["peak_rss_mb"])]]  # fmt: skip

@@ -79,12 +79,14 @@ def main() -> None:
         print(json.dumps(measure(args, method, float(sparsity), pattern)))
         return
 
-    runs = {"dense": run_isolated(__file__, [*common, "dense", "0", "unstructured"])}
+    runs = {"dense": run_isolated(__file__, common, ["dense", "0", "unstructured"])}
+    if runs["dense"]["status"] != "ok":
+        sys.exit(f"the dense run failed: {runs['dense']['error']}")
     for method in args.methods.split(","):
         for sparsity, pattern in SETTINGS:
             key = f"{method} {pattern if pattern != 'unstructured' else sparsity}"
             print(f"running {key} ...", file=sys.stderr, flush=True)
-            runs[key] = run_isolated(__file__, [*common, method, sparsity, pattern])
+            runs[key] = run_isolated(__file__, common, [method, sparsity, pattern])
     dense = runs["dense"]
     forward_s, walker_s = dense["plain_forward_s"], dense["walker_forward_s"]
     rows = []
