@@ -182,6 +182,38 @@ def recover_(
     typer.echo(f"wrote {out} ({len(blocks)} blocks, summed reconstruction MSE reduced by {gain:.4g})")
 
 
+@app.command()
+def compare(
+    model: str = typer.Option("smollm2-135m"),
+    prune: str = typer.Option("wanda", help="pruning method for the shared masks"),
+    sparsity: float = typer.Option(0.5),
+    pattern: str = typer.Option("unstructured"),
+    methods: str = typer.Option("none,dsnot,ebft,squarehead,lora,s2ft", help="comma-separated recovery methods"),
+    nsamples: int = typer.Option(32, help="calibration windows, the same for every method"),
+    seqlen: int = typer.Option(256),
+    budget: int = typer.Option(None, help="token passes through each block for every training method"),
+    calib: str = typer.Option("wiki"),
+    ppl: str = typer.Option("wiki,books", help="evaluation corpora"),
+    eval_seqlen: int = typer.Option(1024),
+    eval_max_tokens: int = typer.Option(8192),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+    out: Path = typer.Option(..., help="output folder for compare.json / .md / .html"),
+    overwrite: bool = typer.Option(False),
+) -> None:
+    """Prune once, then every recovery method on the same masks and calibration windows, side by side."""
+    from sparsefit.pipeline.compare import run_compare
+    from sparsefit.progress import bar
+
+    run_compare(
+        model, out, prune=prune, sparsity=sparsity, pattern=pattern, methods=methods, nsamples=nsamples,
+        seqlen=seqlen, budget=budget, calib=calib, corpora=ppl, eval_seqlen=eval_seqlen,
+        eval_max_tokens=eval_max_tokens, seed=seed, device=device, overwrite=overwrite,
+        log=lambda line: typer.echo(line, err=True), bar=bar,
+    )  # fmt: skip
+    typer.echo((out / "compare.md").read_text())
+
+
 @app.command("eval")
 def eval_(
     model: str = typer.Argument(..., help="run folder, local folder, built-in name, .gguf file or hub id"),

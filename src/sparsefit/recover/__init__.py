@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from sparsefit.errors import UsageError
 from sparsefit.recover.base import RecoveryContext, RecoveryMethod
+from sparsefit.recover.dsnot import DSnoT
 from sparsefit.recover.ebft_method import EBFT
+from sparsefit.recover.lora import LoRA
+from sparsefit.recover.s2ft import S2FT
+from sparsefit.recover.squarehead import SquareHead
 
 METHODS: dict[str, type[RecoveryMethod]] = {
     "ebft": EBFT,
+    "dsnot": DSnoT,
+    "squarehead": SquareHead,
+    "lora": LoRA,
+    "s2ft": S2FT,
 }
 
 

@@ -1,0 +1,336 @@
+"""S²FT (Yang et al., arXiv 2412.06289) as a cheap recovery mode: train a few heads and FFN channels per block.
+
+"Select sparsely, compute densely": per block, choose a few attention heads and FFN channels (at random, as the
+paper's code does, or by how much pruning removed from them) and train only the submatrices they own in the
+coupled matrices: a head owns its rows of q (and its key/value group's rows of k, v) and its columns of o; an FFN
+channel owns its rows of gate/up and its column of down. The paper's code trains the output side by default
+(columns of ``o_proj``/``down_proj``: d_ratio 0.03 in its commonsense runs), which is also the cheapest to
+backpropagate into; that is the default here.
+
+The update lives in a separate small adapter (one dense ``delta`` per chosen submatrix): the layer's output gets
+``x[..., cols] @ delta.T`` (or ``x @ delta.T`` added to the chosen output rows), the gathered columns being the
+dense submatrix that the paper's co-permutation would make contiguous, with no change of the checkpoint layout.
+``fuse`` writes ``W[sub] += delta`` in place, ``unfuse`` restores the exact original values. Masks are kept: the
+delta is masked by the submatrix's keep mask, so a pruned weight stays exactly zero after fusing. Everything not
+chosen is bit-identical afterwards. Needs llama-like blocks (``self_attn.{q,k,v,o}_proj``,
+``mlp.{gate,up,down}_proj``).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsefit.errors import UsageError, check
+from sparsefit.models.adapters import get_adapter, weight_matrix
+from sparsefit.recover.base import RecoveryContext, RecoveryMethod
+from sparsefit.recover.training import (
+    TrainConfig,
+    causal_lm_loss,
+    fit,
+    frozen,
+    loop_config,
+    make_config,
+    plan_steps,
+)
+
+# layer -> (module inside the block, "rows" or "cols" of the (out, in) weight, unit that owns the slice)
+TARGETS: dict[str, tuple[str, str, str]] = {
+    "q_proj": ("self_attn", "rows", "head"),
+    "k_proj": ("self_attn", "rows", "kv_head"),
+    "v_proj": ("self_attn", "rows", "kv_head"),
+    "o_proj": ("self_attn", "cols", "head"),
+    "gate_proj": ("mlp", "rows", "channel"),
+    "up_proj": ("mlp", "rows", "channel"),
+    "down_proj": ("mlp", "cols", "channel"),
+}
+SELECT = ("random", "score")
+LOSSES = ("ce", "squarehead")
+
+
+@dataclass
+class S2FTConfig(TrainConfig):
+    heads: int = 1  # attention heads chosen per block
+    channels: float = 0.03  # share of FFN channels chosen per block (at least one)
+    targets: tuple[str, ...] = ("o_proj", "down_proj")
+    select: str = "random"  # random (the paper), or score: the heads/channels that pruning removed most from
+    loss: str = "ce"  # ce (the paper trains on its task loss, like the LoRA baseline) or squarehead (distillation)
+
+    def validate(self, name: str = "s2ft", n_windows: int | None = None) -> None:
+        check(isinstance(self.heads, int) and self.heads >= 0, f"s2ft heads {self.heads!r} must be an integer >= 0")
+        check(0 <= self.channels <= 1, f"s2ft channels {self.channels} must be a share of the FFN channels in [0, 1]")
+        unknown = [t for t in self.targets if t not in TARGETS]
+        listed = ", ".join(unknown) or "none"
+        accepted = ", ".join(TARGETS)
+        check(not unknown and len(self.targets) > 0, f"s2ft targets {listed} not accepted; use some of {accepted}")
+        check(self.select in SELECT, f"s2ft select {self.select!r} is not one of {', '.join(SELECT)}")
+        check(self.loss in LOSSES, f"s2ft loss {self.loss!r} is not one of {', '.join(LOSSES)}")
+        loop_config(self).validate(name, n_windows)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "targets": list(self.targets)}
+
+
+PRESETS: dict[str, S2FTConfig] = {
+    # The paper's code: lr 2e-4, linear schedule; down_proj columns of 3 % of the channels (plus one head's o).
+    "paper": S2FTConfig(lr=2e-4, batch_size=8, epochs=1),
+    # A CPU budget of a few thousand tokens: many small steps and a far larger rate. Measured on SmolLM2, Wanda
+    # 70 %, wiki calibration 16 x 128, 32 steps of 2 windows (wiki ppl at 512 on 4 k tokens; dense 17.5, pruned
+    # 792): lr 2e-4 -> 535, 2e-3 -> 239, 1e-2 -> 188, 3e-2 -> 226.
+    "cpu": S2FTConfig(lr=1e-2, batch_size=2, epochs=4),
+}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    heads: int
+    kv_heads: int
+    head_dim: int
+    channels: int
+
+
+def llama_geometry(model: nn.Module) -> Geometry:
+    """Head counts and sizes of a llama-like model; UsageError naming what is missing otherwise."""
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    blocks = get_adapter(model).get_blocks(model)
+    need = [f"{module}.{name}" for name, (module, _, _) in TARGETS.items()]
+    for block in blocks:
+        missing = [path for path in need if not isinstance(_get(block, path), nn.Linear)]
+        if missing:
+            raise UsageError(
+                f"s2ft supports llama-like blocks (self_attn.q/k/v/o_proj, mlp.gate/up/down_proj); this "
+                f"{model_type} model has no {', '.join(missing)}"
+            )
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    first = blocks[0]
+    if first.self_attn.o_proj.in_features != heads * head_dim or heads % kv_heads:
+        raise UsageError(f"s2ft cannot read the head layout of this {model_type} model "
+                         f"({heads} heads x {head_dim}, {kv_heads} key/value heads)")  # fmt: skip
+    return Geometry(heads, kv_heads, head_dim, first.mlp.down_proj.in_features)
+
+
+def _get(block: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return block.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def unit_slices(units: list[int], unit: str, geometry: Geometry) -> torch.Tensor:
+    """The rows/columns (sorted LongTensor) that the chosen heads or channels own in a matrix of ``unit``."""
+    if unit == "channel":
+        return torch.tensor(sorted(units), dtype=torch.long)
+    if unit == "kv_head":
+        units = sorted({h // (geometry.heads // geometry.kv_heads) for h in units})
+    index = [h * geometry.head_dim + d for h in sorted(units) for d in range(geometry.head_dim)]
+    return torch.tensor(index, dtype=torch.long)
+
+
+class S2Delta:
+    """The trainable dense submatrix of one layer: rows or columns ``index`` of its (out, in) weight."""
+
+    def __init__(self, layer: nn.Linear, index: torch.Tensor, axis: str, keep: torch.Tensor) -> None:
+        self.layer, self.axis = layer, axis
+        weight = weight_matrix(layer)
+        dim = 0 if axis == "rows" else 1
+        self.index = index.to(weight.device)
+        # The submatrix's keep mask and original values, shaped like the delta: (k, in) rows or (out, k) columns.
+        self.keep = keep.to(weight.device).index_select(dim, self.index)
+        self.original = weight.index_select(dim, self.index).clone()
+        self.delta = nn.Parameter(torch.zeros_like(self.original))
+        self.fused = False
+        self.handle = layer.register_forward_hook(self._hook)
+
+    def masked(self) -> torch.Tensor:
+        # masked_fill, not a product: a negative delta times 0 would be -0.0 (equal, but not the same bits).
+        return self.delta.masked_fill(~self.keep, 0)
+
+    def _hook(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        delta = self.masked().to(x.dtype)
+        if self.axis == "cols":
+            return out + F.linear(x.index_select(-1, self.index), delta)
+        return out.index_add(-1, self.index, F.linear(x, delta))
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Write the update into the layer's weight and stop adding it in the forward."""
+        if self.fused:
+            return
+        weight = weight_matrix(self.layer)
+        dim = 0 if self.axis == "rows" else 1
+        weight.index_copy_(dim, self.index, self.original + self.masked().to(weight.dtype))
+        self.handle.remove()
+        self.fused = True
+
+    @torch.no_grad()
+    def unfuse(self) -> None:
+        """Restore the layer's exact original weights and add the update in the forward again."""
+        if not self.fused:
+            return
+        weight = weight_matrix(self.layer)
+        weight.index_copy_(0 if self.axis == "rows" else 1, self.index, self.original)
+        self.handle = self.layer.register_forward_hook(self._hook)
+        self.fused = False
+
+    def remove(self) -> None:
+        if not self.fused:
+            self.handle.remove()
+
+    @property
+    def trainable(self) -> int:
+        return int(self.keep.sum())
+
+
+class S2Adapter:
+    """Every chosen submatrix of a model; ``fuse``/``unfuse`` all of them together."""
+
+    def __init__(self, deltas: dict[str, S2Delta], selection: list[dict]) -> None:
+        self.deltas = deltas
+        self.selection = selection
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [d.delta for d in self.deltas.values()]
+
+    def fuse(self) -> None:
+        for delta in self.deltas.values():
+            delta.fuse()
+
+    def unfuse(self) -> None:
+        for delta in self.deltas.values():
+            delta.unfuse()
+
+    def remove(self) -> None:
+        for delta in self.deltas.values():
+            delta.remove()
+
+    @property
+    def trainable(self) -> int:
+        return sum(d.trainable for d in self.deltas.values())
+
+
+def _damage(block: nn.Module, teacher_block: nn.Module, path: str, axis: str) -> torch.Tensor:
+    """Per row/column of ``path``: squared weight mass pruning removed (dense minus sparse), float32."""
+    dense, sparse = weight_matrix(_get(teacher_block, path)), weight_matrix(_get(block, path))
+    gap = (dense.float().cpu() - sparse.float().cpu()).square()  # the teacher may sit on another device
+    return gap.sum(dim=1 if axis == "rows" else 0)
+
+
+def choose_units(
+    config: S2FTConfig, geometry: Geometry, rng: random.Random, block: nn.Module, teacher_block: nn.Module | None
+) -> tuple[list[int], list[int]]:
+    """(heads, channels) chosen in one block: at random, or the ones pruning damaged most in the targets."""
+    n_heads = min(config.heads, geometry.heads)
+    n_channels = min(geometry.channels, max(1, round(config.channels * geometry.channels))) if config.channels else 0
+    if config.select == "random" or teacher_block is None:
+        heads = rng.sample(range(geometry.heads), n_heads)
+        return sorted(heads), sorted(rng.sample(range(geometry.channels), n_channels))
+    head_score = torch.zeros(geometry.heads)
+    channel_score = torch.zeros(geometry.channels)
+    for name in config.targets:
+        module, axis, unit = TARGETS[name]
+        damage = _damage(block, teacher_block, f"{module}.{name}", axis).cpu()
+        if unit == "channel":
+            channel_score += damage
+        elif unit == "head":
+            head_score += damage.reshape(geometry.heads, geometry.head_dim).sum(dim=1)
+        else:  # a key/value head's damage counts for every query head of its group
+            per_kv = damage.reshape(geometry.kv_heads, geometry.head_dim).sum(dim=1)
+            head_score += per_kv.repeat_interleave(geometry.heads // geometry.kv_heads)
+    heads = torch.argsort(head_score, descending=True, stable=True)[:n_heads].tolist()
+    channels = torch.argsort(channel_score, descending=True, stable=True)[:n_channels].tolist()
+    return sorted(heads), sorted(channels)
+
+
+def attach(model: nn.Module, config: S2FTConfig, seed: int, teacher: nn.Module | None = None) -> S2Adapter:
+    """Choose the heads/channels of every block and attach their (zero) deltas to ``model``."""
+    geometry = llama_geometry(model)
+    adapter = get_adapter(model)
+    blocks = adapter.get_blocks(model)
+    teacher_blocks = get_adapter(teacher).get_blocks(teacher) if teacher is not None else None
+    rng = random.Random(seed)
+    deltas: dict[str, S2Delta] = {}
+    selection = []
+    for index, block in enumerate(blocks):
+        teacher_block = teacher_blocks[index] if teacher_blocks is not None else None
+        heads, channels = choose_units(config, geometry, rng, block, teacher_block)
+        selection.append({"block": index, "heads": heads, "channels": channels})
+        for name in config.targets:
+            module, axis, unit = TARGETS[name]
+            units = channels if unit == "channel" else heads
+            if not units:
+                continue
+            layer = _get(block, f"{module}.{name}")
+            keep = weight_matrix(layer) != 0
+            deltas[f"{adapter.blocks}.{index}.{module}.{name}"] = S2Delta(
+                layer, unit_slices(units, unit, geometry), axis, keep
+            )
+    return S2Adapter(deltas, selection)
+
+
+class S2FT(RecoveryMethod):
+    name = "s2ft"
+    trains = True
+
+    def configure(self, options: dict, n_windows: int | None = None) -> S2FTConfig:
+        options = dict(options)
+        if isinstance(options.get("targets"), str):
+            options["targets"] = tuple(t.strip() for t in options["targets"].split(",") if t.strip())
+        elif options.get("targets") is not None:
+            options["targets"] = tuple(options["targets"])
+        config = make_config(self.name, PRESETS, options, default="cpu")
+        config.validate(n_windows=n_windows)
+        return config
+
+    def check_model(self, model: nn.Module, options: dict) -> str | None:
+        try:
+            llama_geometry(model)
+        except UsageError as exc:
+            return str(exc)
+        return None
+
+    def run(self, ctx: RecoveryContext) -> dict:
+        n_windows, seqlen = ctx.calib_ids.shape
+        config = self.configure({"seed": ctx.seed, **ctx.options}, n_windows)
+        model, teacher = ctx.model, ctx.teacher
+        steps = plan_steps(ctx.budget_tokens, n_windows, seqlen, config.batch_size, config.epochs)
+        model.to(ctx.device)  # first: the deltas are created beside the weights they belong to
+        s2 = attach(model, config, config.seed, teacher if config.select == "score" else None)
+        check(s2.deltas != {}, "s2ft chose nothing to train; raise heads or channels")
+        if config.loss == "squarehead":
+            from sparsefit.recover.squarehead import SquareHeadConfig, squarehead_step_loss
+
+            distill = SquareHeadConfig()
+
+            def loss_fn(ids):
+                return squarehead_step_loss(model, teacher, ids, distill)
+        else:
+
+            def loss_fn(ids):
+                return causal_lm_loss(model, ids)
+
+        if config.loss == "squarehead":
+            teacher.to(ctx.device)
+        try:
+            with frozen(model, teacher):
+                log = fit(model, s2.parameters(), loss_fn, ctx.calib_ids, config, steps=steps, device=ctx.device)
+            s2.fuse()
+        finally:
+            s2.remove()
+            model.to("cpu")
+            teacher.to("cpu")
+        return {
+            "config": config.to_dict(),
+            "selection": s2.selection,
+            "fit": log.to_dict(),
+            "adapter_params": sum(d.delta.numel() for d in s2.deltas.values()),
+            "trainable_params": s2.trainable,
+            "fused": True,
+        }
