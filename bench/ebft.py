@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 
-from common import peak_rss_mb, run_isolated, write_results  # noqa: E402
+from common import peak_rss_mb, run_isolated, run_many, write_results  # noqa: E402
 
 SETTINGS = ("0.5", "0.6", "0.7", "2:4")
 
@@ -113,6 +113,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8192)
     parser.add_argument("--settings", default=",".join(SETTINGS), help="sparsities and/or 2:4")
     parser.add_argument("--dense-path", default="0.7", help="settings also run with the dense-path target")
+    parser.add_argument("--jobs", type=int, default=1, help="settings run side by side (one process each)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per process")
     parser.add_argument("--one", nargs=2, metavar=("SETTING", "TARGET"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -123,21 +125,23 @@ def main() -> None:
     for key in ("lr", "epochs", "batch_size"):
         if getattr(args, key) is not None:
             passed += [f"--{key.replace('_', '-')}", str(getattr(args, key))]  # fmt: skip
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the peak at the workers' thread count
     peak = matmul_peak_gflops()
-    runs = {"dense": run_isolated(__file__, passed, ["dense", "-"])}
-    if runs["dense"]["status"] != "ok":
-        sys.exit(f"the dense run failed: {runs['dense']['error']}")
-    jobs = [(s, "sparse-path") for s in args.settings.split(",")]
-    jobs += [(s, "dense-path") for s in args.dense_path.split(",") if s]
-    for setting, target in jobs:
-        print(f"running {setting} {target} ...", file=sys.stderr, flush=True)
-        runs[f"{setting} {target}"] = run_isolated(__file__, passed, [setting, target])
-    dense = runs["dense"]["ppl"]
+    dense = run_isolated(__file__, passed, ["dense", "-"], args.threads)
+    if dense["status"] != "ok":
+        sys.exit(f"the dense run failed: {dense['error']}")
+    jobs = {f"{s} sparse-path": [s, "sparse-path"] for s in args.settings.split(",")}
+    jobs.update({f"{s} dense-path": [s, "dense-path"] for s in args.dense_path.split(",") if s})
+    run_many(__file__, passed, jobs, args.jobs, args.threads, lambda runs: report(args, peak, dense, runs))
+
+
+def report(args: argparse.Namespace, peak: float, dense_run: dict, runs: dict[str, dict]) -> None:
+    """Write the table of the runs finished so far."""
+    dense = dense_run["ppl"]
     rows = [["dense", "", round(dense["wiki"], 2), "", round(dense["books"], 2), "", "", "", "", "", "",
-             round(runs["dense"]["peak_rss_mb"])]]  # fmt: skip
+             round(dense_run["peak_rss_mb"])]]  # fmt: skip
     for key, r in runs.items():
-        if key == "dense":
-            continue
         if r["status"] != "ok":
             rows.append([key, "failed", r["error"]] + [""] * 9)
             continue
@@ -151,20 +155,22 @@ def main() -> None:
             round(r["peak_rss_mb"]),
         ])  # fmt: skip
     cfg = next((r["ebft_config"] for r in runs.values() if "ebft_config" in r), {})
+    threads = f"{args.threads} torch thread(s) per process" if args.threads else "torch's default threads"
     notes = (
-        f"SmolLM2-135M, 2 CPU cores, torch {torch.__version__}. Wanda masks from calibration `wiki` "
-        f"{args.nsamples} x {args.seqlen}; EBFT on the same windows (two-step: prune, then EBFT against the "
-        f"dense model), preset `{args.preset}`: lr {cfg.get('lr')}, epochs {cfg.get('epochs')}, batch "
-        f"{cfg.get('batch_size')}, {cfg.get('heldout')} held-out windows. Perplexity on the first {args.max_tokens} "
-        f"test tokens at seqlen {args.eval_seqlen}; dense: wiki {dense['wiki']:.2f}, books {dense['books']:.2f}. "
-        f"Gap closed = share of the pruned-to-dense gap, linear / log-perplexity (goal: >= 75% at 70%, >= 50% "
-        f"at 2:4). FLOP/s counts the linear layers' 6 x weights x tokens (a lower bound) over the training "
-        f"loop; the peak is a 2048^3 float32 matmul measured in this run: {peak:.1f} GFLOP/s (goal >= 50%). "
-        "No GPU was lent to this run, so there are no GPU rows."
+        f"SmolLM2-135M, 2 CPU cores, torch {torch.__version__}, {args.jobs} setting(s) at a time, {threads}. "
+        f"Wanda masks from calibration `wiki` {args.nsamples} x {args.seqlen}; EBFT on the same windows (two-step: "
+        f"prune, then EBFT against the dense model), preset `{args.preset}`: lr {cfg.get('lr')}, epochs "
+        f"{cfg.get('epochs')}, batch {cfg.get('batch_size')}, {cfg.get('heldout')} held-out windows. Perplexity on "
+        f"the first {args.max_tokens} test tokens at seqlen {args.eval_seqlen}; dense: wiki {dense['wiki']:.2f}, "
+        f"books {dense['books']:.2f}. Gap closed = share of the pruned-to-dense gap, linear / log-perplexity (goal: "
+        ">= 75% at 70%, >= 50% at 2:4). FLOP/s counts the linear layers' 6 x weights x tokens (a lower bound) over "
+        "the training loop; the peak is a 2048^3 float32 matmul measured in this run at the workers' thread "
+        f"count: {peak:.1f} GFLOP/s (goal >= 50%). No GPU was lent to this run, so there are no GPU rows."
     )
     header = ["run", "wiki pruned", "wiki +EBFT", "books pruned", "books +EBFT", "gap closed wiki",
               "gap closed books", "s / block", "train GFLOP/s", "of peak", "MSE reduction", "peak RSS MB"]
-    write_results("ebft", {"matmul_peak_gflops": peak, "setting": vars(args), "runs": runs}, header, rows, notes)
+    data = {"matmul_peak_gflops": peak, "setting": vars(args), "dense": dense_run, "runs": runs}
+    write_results("ebft", data, header, rows, notes)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 
-from common import peak_rss_mb, run_isolated, write_results  # noqa: E402
+from common import peak_rss_mb, run_isolated, run_many, write_results  # noqa: E402
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 SETTINGS = (("0.5", "unstructured"), ("0.6", "unstructured"), ("0.7", "unstructured"), ("0.5", "2:4"))
@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--eval-seqlen", type=int, default=1024)
     parser.add_argument("--max-tokens", type=int, default=16384, help="test tokens per corpus")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--jobs", type=int, default=1, help="configurations run side by side (one process each)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per process")
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "SPARSITY", "PATTERN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     common = ["--model", args.model, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
@@ -78,41 +80,44 @@ def main() -> None:
         method, sparsity, pattern = args.one
         print(json.dumps(measure(args, method, float(sparsity), pattern)))
         return
+    dense = run_isolated(__file__, common, ["dense", "0", "unstructured"], args.threads)
+    if dense["status"] != "ok":
+        sys.exit(f"the dense run failed: {dense['error']}")
+    jobs = {
+        f"{method} {pattern if pattern != 'unstructured' else sparsity}": [method, sparsity, pattern]
+        for method in args.methods.split(",")
+        for sparsity, pattern in SETTINGS
+    }
+    run_many(__file__, common, jobs, args.jobs, args.threads, lambda runs: report(args, dense, runs))
 
-    runs = {"dense": run_isolated(__file__, common, ["dense", "0", "unstructured"])}
-    if runs["dense"]["status"] != "ok":
-        sys.exit(f"the dense run failed: {runs['dense']['error']}")
-    for method in args.methods.split(","):
-        for sparsity, pattern in SETTINGS:
-            key = f"{method} {pattern if pattern != 'unstructured' else sparsity}"
-            print(f"running {key} ...", file=sys.stderr, flush=True)
-            runs[key] = run_isolated(__file__, common, [method, sparsity, pattern])
-    dense = runs["dense"]
+
+def report(args: argparse.Namespace, dense: dict, runs: dict[str, dict]) -> None:
+    """Write the table of the runs finished so far."""
     forward_s, walker_s = dense["plain_forward_s"], dense["walker_forward_s"]
-    rows = []
+    rows = [["dense", round(dense["ppl"]["wiki"]["value"], 2), round(dense["ppl"]["books"]["value"], 2),
+             round(forward_s, 1), 1.0, round(forward_s / walker_s, 2), round(dense["peak_rss_mb"])]]  # fmt: skip
     for key, r in runs.items():
         if r["status"] != "ok":
             rows.append([key, "failed", r["error"], "", "", "", ""])
             continue
-        if key == "dense":
-            r["time_s"] = forward_s
         r["time_ratio"] = r["time_s"] / forward_s
         r["time_ratio_walker"] = r["time_s"] / walker_s
         rows.append([key, round(r["ppl"]["wiki"]["value"], 2), round(r["ppl"]["books"]["value"], 2),
                      round(r["time_s"], 1), round(r["time_ratio"], 2), round(r["time_ratio_walker"], 2),
                      round(r["peak_rss_mb"])])  # fmt: skip
-    setting = {k: v for k, v in vars(args).items() if k not in ("one",)}
+    threads = f"{args.threads} torch thread(s) per process" if args.threads else "torch's default threads"
     notes = (
-        f"SmolLM2-135M on 2 CPU cores, torch {torch.__version__}. Calibration `wiki` {args.nsamples} x {args.seqlen}; "
-        f"perplexity on the first {args.max_tokens} test tokens of each corpus at seqlen {args.eval_seqlen}. "
-        f"Time ratio = pruning wall time (capture, statistics pass, pruning, propagation pass) / one plain "
-        f"calibration forward of the dense model, `model(input_ids)` in the same batches ({forward_s:.1f} s); the "
-        f"stricter ratio divides by the same windows through the walker alone, no head ({walker_s:.1f} s). Both "
-        "denominators were measured in this run (goal: Wanda <= 1.5x, SparseGPT <= 3x). Peak RSS is each process's "
-        "own, model load included."
+        f"SmolLM2-135M on 2 CPU cores, torch {torch.__version__}, {args.jobs} configuration(s) at a time, "
+        f"{threads}. Calibration `wiki` {args.nsamples} x {args.seqlen}; perplexity on the first "
+        f"{args.max_tokens} test tokens of each corpus at seqlen {args.eval_seqlen}. Time ratio = pruning wall "
+        "time (capture, statistics pass, pruning, propagation pass) / one plain calibration forward of the dense "
+        f"model, `model(input_ids)` in the same batches ({forward_s:.1f} s); the stricter ratio divides by the "
+        f"same windows through the walker alone, no head ({walker_s:.1f} s). Both denominators were measured in "
+        "this run, alone on the machine (goal: Wanda <= 1.5x, SparseGPT <= 3x). Peak RSS is each process's own, "
+        "model load included."
     )
     header = ["run", "ppl wiki", "ppl books", "time s", "time / dense fwd", "time / walker fwd", "peak RSS MB"]
-    write_results("prune", {"setting": setting, "runs": runs}, header, rows, notes)
+    write_results("prune", {"setting": vars(args), "dense": dense, "runs": runs}, header, rows, notes)
 
 
 if __name__ == "__main__":
