@@ -182,3 +182,16 @@ def test_info_and_eval_json(workspace, monkeypatch, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     entry = result["ppl"][str(workspace / "corpus.txt")]
     assert entry["seqlen"] == 64 and entry["tokens"] == 256 and entry["value"] > 1
+
+
+def test_eval_record_stores_results_for_the_model_card(workspace, monkeypatch, tmp_path, capsys):
+    pruned = tmp_path / "pruned"
+    assert cli(monkeypatch, *prune_args(workspace, pruned)) == 0
+    code = cli(monkeypatch, "eval", pruned, "--ppl", workspace / "corpus.txt", "--seqlen", 64, "--max-tokens", 128,
+               "--device", "cpu", "--record")  # fmt: skip
+    assert code == 0
+    run = json.loads((pruned / "run.json").read_text())
+    assert run["results"]["ppl"][str(workspace / "corpus.txt")]["tokens"] == 128
+    assert run["results"]["sparsity"] == 0.5  # what was there is kept
+    assert cli(monkeypatch, "eval", workspace / "tiny", "--ppl", "", "--record") == 2
+    assert "run.json" in capsys.readouterr().err

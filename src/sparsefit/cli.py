@@ -224,6 +224,7 @@ def eval_(
     limit: int = typer.Option(None, help="zero-shot: first N documents per task"),
     device: str = typer.Option("auto"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
+    record: bool = typer.Option(False, "--record", help="also store the results in the run folder's run.json"),
 ) -> None:
     """Perplexity (WikiText-2 protocol, seqlen printed with every number) and zero-shot accuracy."""
     from sparsefit.models import load
@@ -233,6 +234,10 @@ def eval_(
 
     if limit is not None and limit <= 0:
         raise UsageError(f"--limit {limit} must be a positive number of documents")
+    if record:
+        from sparsefit.export.run_folder import check_run_folder
+
+        check_run_folder(model)  # before any work: --record needs a run folder
     device_ = resolve_device(device)
     loaded = load(model)
     results = evaluate_model(
@@ -246,6 +251,10 @@ def eval_(
         device=device_,
         bar=bar,
     )
+    if record:
+        from sparsefit.pipeline.jobs import record_results
+
+        record_results(Path(model), results)
     if as_json:
         typer.echo(json.dumps(results))
         return

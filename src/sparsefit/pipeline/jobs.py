@@ -126,6 +126,17 @@ def sparsity_summary(model: nn.Module, pattern: str) -> dict:
     return report
 
 
+def record_results(run_dir: Path, results: dict) -> None:
+    """Merge evaluation results into ``run_dir/run.json`` (atomically), where the model card finds them."""
+    from sparsefit.export.run_folder import read_run, write_file_atomically
+
+    run, _ = read_run(run_dir)
+    merged = run.setdefault("results", {})
+    for key, value in results.items():
+        merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+    write_file_atomically(Path(run_dir) / "run.json", json.dumps(run, indent=2))
+
+
 def save_run(
     out: Path,
     model: nn.Module,
