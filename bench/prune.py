@@ -113,7 +113,8 @@ def report(args: argparse.Namespace, dense: dict, runs: dict[str, dict]) -> None
         "time (capture, statistics pass, pruning, propagation pass) / one plain calibration forward of the dense "
         f"model, `model(input_ids)` in the same batches ({forward_s:.1f} s); the stricter ratio divides by the "
         f"same windows through the walker alone, no head ({walker_s:.1f} s). Both denominators were measured in "
-        "this run, alone on the machine (goal: Wanda <= 1.5x, SparseGPT <= 3x). Peak RSS is each process's own, "
+        "this run; other processes may share the cores, so compare ratios run to run with care (goal: Wanda <= "
+        "1.5x, SparseGPT <= 3x). Peak RSS is each process's own, "
         "model load included."
     )
     header = ["run", "ppl wiki", "ppl books", "time s", "time / dense fwd", "time / walker fwd", "peak RSS MB"]
