@@ -195,3 +195,42 @@ def test_eval_record_stores_results_for_the_model_card(workspace, monkeypatch, t
     assert run["results"]["sparsity"] == 0.5  # what was there is kept
     assert cli(monkeypatch, "eval", workspace / "tiny", "--ppl", "", "--record") == 2
     assert "run.json" in capsys.readouterr().err
+
+
+def test_run_recipe_writes_report(workspace, monkeypatch, tmp_path, capsys):
+    corpus = workspace / "corpus.txt"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"name: tiny\nmodel: {workspace / 'tiny'}\ndevice: cpu\n"
+        f"prune: {{method: wanda, sparsity: 0.7, calib: {corpus}, nsamples: 8, seqlen: 64}}\n"
+        "recover: {preset: cpu, lr: 0.001, epochs: 2}\n"
+        f"eval: {{ppl: [{corpus}], seqlen: 64, max_tokens: 512}}\n"
+    )
+    assert cli(monkeypatch, "run", recipe, "--runs-dir", tmp_path / "runs") == 0
+    out = tmp_path / "runs" / "tiny"
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["rows"]) == {"dense", "pruned", "recovered"}
+    # Per row int(0.7 * width) pruned: 44 of 64, 89 of 128 inputs.
+    assert summary["rows"]["pruned"]["sparsity"] == summary["rows"]["recovered"]["sparsity"]
+    assert summary["rows"]["pruned"]["sparsity"] == pytest.approx(0.6892, abs=1e-4)
+    assert "gap_closed" in summary and "| recovered |" in (out / "report.md").read_text()
+    pruned = load_file(out / "pruned" / "model.safetensors")
+    recovered = load_file(out / "recovered" / "model.safetensors")
+    for key, value in pruned.items():
+        if "layers" in key and value.dim() == 2:
+            assert torch.equal(value == 0, recovered[key] == 0), key
+    assert (out / "recovered" / "ebft.json").exists()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("prune: {methd: wanda}\n", "methd"), ("colour: red\n", "colour"), ("prune: [1, 2\n", "YAML"),
+     ("recover: {method: nope}\n", "nope"), ("prune: {sparsity: 2}\n", "sparsity")],
+)  # fmt: skip
+def test_bad_recipe_is_one_line(monkeypatch, tmp_path, capsys, text, message):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    assert cli(monkeypatch, "run", recipe, "--runs-dir", tmp_path / "runs") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err
+    assert not (tmp_path / "runs").exists()
