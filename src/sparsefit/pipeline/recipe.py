@@ -7,7 +7,7 @@ A recipe is YAML with the sections below; every key is optional and unknown keys
     model: smollm2-135m
     prune:   {method: wanda, sparsity: 0.5, pattern: unstructured, calib: wiki, nsamples: 32, seqlen: 256, seed: 0}
     recover: {method: ebft, preset: cpu}          # or `recover: null` to skip; other keys are EBFTConfig fields
-    eval:    {ppl: [wiki, books], seqlen: 1024, max_tokens: 8192, tasks: [], limit: null}
+    eval:    {ppl: [wiki, books], seqlen: 1024, max_tokens: 4096, tasks: [], limit: null}
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from sparsefit.errors import UsageError, check
 DEFAULT_PRUNE = {"method": "wanda", "sparsity": 0.5, "pattern": "unstructured", "calib": "wiki", "nsamples": 32,
                  "seqlen": 256, "seed": 0}  # fmt: skip
 DEFAULT_RECOVER = {"method": "ebft", "preset": "cpu"}
-DEFAULT_EVAL = {"ppl": ["wiki", "books"], "seqlen": 1024, "max_tokens": 8192, "tasks": [], "limit": None}
+DEFAULT_EVAL = {"ppl": ["wiki", "books"], "seqlen": 1024, "max_tokens": 4096, "tasks": [], "limit": None}
 
 
 @dataclass
