@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,8 +18,6 @@ from torch import nn
 import sparsefit
 from sparsefit.errors import check
 from sparsefit.prune import sparsity_report
-
-Progress = Callable[..., object] | None
 
 
 def versions() -> dict:
