@@ -18,17 +18,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sparsefit.errors import UsageError
+from sparsefit.export.run_folder import write_file_atomically
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
-def _atomic_json(data: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)
 
 
@@ -74,10 +69,8 @@ class BlockCheckpoint:
         state = {k: v.detach().cpu() for k, v in block.state_dict().items()}
         _atomic_save(state, self.folder / f"block_{index}.safetensors")
         _atomic_save({k: v.detach().cpu() for k, v in carry.items()}, self.folder / "carry.safetensors")
-        _atomic_json(
-            {"next_block": index + 1, "reports": reports, "fingerprint": self.fingerprint},
-            self.folder / "progress.json",
-        )
+        progress = {"next_block": index + 1, "reports": reports, "fingerprint": self.fingerprint}
+        write_file_atomically(self.folder / "progress.json", json.dumps(progress, indent=2))
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
