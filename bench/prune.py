@@ -55,9 +55,11 @@ def measure(args: argparse.Namespace, method: str, sparsity: float, pattern: str
                              seqlen=args.seqlen, batch_size=args.batch_size, device="cpu")  # fmt: skip
         prune_model(loaded.model, calib, config)
     seconds = time.perf_counter() - began
-    results = evaluate_model(loaded.model, loaded.tokenizer, ppl=["wiki", "books"], seqlen=args.eval_seqlen,
-                             max_tokens=args.max_tokens)  # fmt: skip
-    return {"status": "ok", "time_s": seconds, "ppl": results["ppl"], "peak_rss_mb": peak_rss_mb(), **extra}
+    ppl = {}
+    if not args.no_eval:
+        ppl = evaluate_model(loaded.model, loaded.tokenizer, ppl=["wiki", "books"], seqlen=args.eval_seqlen,
+                             max_tokens=args.max_tokens)["ppl"]  # fmt: skip
+    return {"status": "ok", "time_s": seconds, "ppl": ppl, "peak_rss_mb": peak_rss_mb(), **extra}
 
 
 def main() -> None:
@@ -69,13 +71,17 @@ def main() -> None:
     parser.add_argument("--eval-seqlen", type=int, default=1024)
     parser.add_argument("--max-tokens", type=int, default=16384, help="test tokens per corpus")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--settings", default=",".join(s if p == "unstructured" else p for s, p in SETTINGS),
+                        help="sparsities and/or N:M patterns")
+    parser.add_argument("--no-eval", action="store_true", help="time the pruning only (no perplexity)")
+    parser.add_argument("--name", default="prune", help="results file name under bench/results")
     parser.add_argument("--jobs", type=int, default=1, help="configurations run side by side (one process each)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process")
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "SPARSITY", "PATTERN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     common = ["--model", args.model, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
               "--batch-size", str(args.batch_size), "--eval-seqlen", str(args.eval_seqlen),
-              "--max-tokens", str(args.max_tokens)]  # fmt: skip
+              "--max-tokens", str(args.max_tokens)] + (["--no-eval"] if args.no_eval else [])  # fmt: skip
     if args.one:
         method, sparsity, pattern = args.one
         print(json.dumps(measure(args, method, float(sparsity), pattern)))
@@ -83,10 +89,11 @@ def main() -> None:
     dense = run_isolated(__file__, common, ["dense", "0", "unstructured"], args.threads)
     if dense["status"] != "ok":
         sys.exit(f"the dense run failed: {dense['error']}")
+    settings = [("0.5", s) if ":" in s else (s, "unstructured") for s in args.settings.split(",")]
     jobs = {
         f"{method} {pattern if pattern != 'unstructured' else sparsity}": [method, sparsity, pattern]
         for method in args.methods.split(",")
-        for sparsity, pattern in SETTINGS
+        for sparsity, pattern in settings
     }
     run_many(__file__, common, jobs, args.jobs, args.threads, lambda runs: report(args, dense, runs))
 
@@ -94,16 +101,19 @@ def main() -> None:
 def report(args: argparse.Namespace, dense: dict, runs: dict[str, dict]) -> None:
     """Write the table of the runs finished so far."""
     forward_s, walker_s = dense["plain_forward_s"], dense["walker_forward_s"]
-    rows = [["dense", round(dense["ppl"]["wiki"]["value"], 2), round(dense["ppl"]["books"]["value"], 2),
-             round(forward_s, 1), 1.0, round(forward_s / walker_s, 2), round(dense["peak_rss_mb"])]]  # fmt: skip
+    def ppl(r: dict, corpus: str):
+        return round(r["ppl"][corpus]["value"], 2) if r["ppl"] else "–"
+
+    rows = [["dense", ppl(dense, "wiki"), ppl(dense, "books"), round(forward_s, 1), 1.0, round(forward_s / walker_s, 2),
+             round(dense["peak_rss_mb"])]]  # fmt: skip
     for key, r in runs.items():
         if r["status"] != "ok":
             rows.append([key, "failed", r["error"], "", "", "", ""])
             continue
         r["time_ratio"] = r["time_s"] / forward_s
         r["time_ratio_walker"] = r["time_s"] / walker_s
-        rows.append([key, round(r["ppl"]["wiki"]["value"], 2), round(r["ppl"]["books"]["value"], 2),
-                     round(r["time_s"], 1), round(r["time_ratio"], 2), round(r["time_ratio_walker"], 2),
+        rows.append([key, ppl(r, "wiki"), ppl(r, "books"), round(r["time_s"], 1), round(r["time_ratio"], 2),
+                     round(r["time_ratio_walker"], 2),
                      round(r["peak_rss_mb"])])  # fmt: skip
     threads = f"{args.threads} torch thread(s) per process" if args.threads else "torch's default threads"
     notes = (
@@ -118,7 +128,7 @@ def report(args: argparse.Namespace, dense: dict, runs: dict[str, dict]) -> None
         "model load included."
     )
     header = ["run", "ppl wiki", "ppl books", "time s", "time / dense fwd", "time / walker fwd", "peak RSS MB"]
-    write_results("prune", {"setting": vars(args), "dense": dense, "runs": runs}, header, rows, notes)
+    write_results(args.name, {"setting": vars(args), "dense": dense, "runs": runs}, header, rows, notes)
 
 
 if __name__ == "__main__":
