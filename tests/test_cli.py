@@ -234,3 +234,17 @@ def test_bad_recipe_is_one_line(monkeypatch, tmp_path, capsys, text, message):
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_export_command(workspace, monkeypatch, tmp_path, capsys):
+    pruned = tmp_path / "pruned"
+    assert cli(monkeypatch, *prune_args(workspace, pruned)) == 0
+    assert cli(monkeypatch, "export", pruned, "--format", "hf", "--masks", "--out", tmp_path / "hf") == 0
+    assert (tmp_path / "hf" / "masks.safetensors").exists() and "wanda" in (tmp_path / "hf" / "README.md").read_text()
+    assert cli(monkeypatch, "export", pruned, "--format", "compressed", "--out", tmp_path / "c") == 0
+    assert (tmp_path / "c" / "model.sparse.safetensors").exists()
+    capsys.readouterr()
+    assert cli(monkeypatch, "export", pruned, "--format", "onnx", "--out", tmp_path / "x") == 2
+    assert "onnx" in capsys.readouterr().err
+    assert cli(monkeypatch, "export", workspace / "tiny", "--out", tmp_path / "y") == 2
+    assert "run" in capsys.readouterr().err
