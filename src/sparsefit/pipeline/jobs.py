@@ -9,7 +9,7 @@ import json
 import platform
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -96,16 +96,8 @@ def evaluate_model(
     return results
 
 
-class _NullBar:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _maybe_bar(bar, description: str, total: int):
-    return bar(description, total) if bar else _NullBar()
+    return bar(description, total) if bar else nullcontext()
 
 
 def sparsity_summary(model: nn.Module, pattern: str) -> dict:
@@ -167,6 +159,19 @@ def timed(timings: dict[str, float], name: str) -> Iterator[None]:
         yield
     finally:
         timings[name] = round(time.perf_counter() - began, 3)
+
+
+def _sparsity_and_results(model, tokenizer, pattern, corpora, seqlen, max_tokens, device, timings) -> tuple[dict, dict]:
+    """The finished model's sparsity report, and its results: sparsity, plus perplexity when corpora are asked."""
+    from sparsefit.progress import bar
+
+    sparsity = sparsity_summary(model, pattern)
+    results: dict = {"sparsity": sparsity["overall"]}
+    if corpora:
+        with timed(timings, "eval_s"):
+            results.update(evaluate_model(model, tokenizer, ppl=corpora, seqlen=seqlen, max_tokens=max_tokens,
+                                          device=device, bar=bar))  # fmt: skip
+    return sparsity, results
 
 
 def _fingerprint(**parts) -> dict:
@@ -257,21 +262,10 @@ def run_prune(
             start=start,
             inputs=carry.get("inputs"),
         )
-    sparsity = sparsity_summary(loaded.model, config.pattern)
-    results: dict = {"sparsity": sparsity["overall"]}
-    if corpora:
-        with timed(timings, "eval_s"):
-            results.update(
-                evaluate_model(
-                    loaded.model,
-                    loaded.tokenizer,
-                    ppl=corpora,
-                    seqlen=eval_seqlen,
-                    max_tokens=eval_max_tokens,
-                    device=resolve_device(config.device),
-                    bar=bar,
-                )
-            )
+    sparsity, results = _sparsity_and_results(
+        loaded.model, loaded.tokenizer, config.pattern, corpora, eval_seqlen, eval_max_tokens,
+        resolve_device(config.device), timings,
+    )  # fmt: skip
     run = {
         "command": "prune",
         "source_model": loaded.source,
@@ -386,16 +380,9 @@ def run_recover(
             on_block_done=done,
         )
     pattern = source_sparsity.get("pattern", "unstructured")
-    sparsity = sparsity_summary(sparse.model, pattern)
-    results: dict = {"sparsity": sparsity["overall"]}
-    if corpora:
-        with timed(timings, "eval_s"):
-            results.update(
-                evaluate_model(
-                    sparse.model, sparse.tokenizer, ppl=corpora, seqlen=eval_seqlen,
-                    max_tokens=eval_max_tokens, device=device_, bar=bar,
-                )
-            )  # fmt: skip
+    sparsity, results = _sparsity_and_results(
+        sparse.model, sparse.tokenizer, pattern, corpora, eval_seqlen, eval_max_tokens, device_, timings
+    )
     run = {
         "command": "recover",
         "source_model": teacher,
