@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sparsefit.evaluate.report import markdown_table
-from sparsefit.export.run_folder import write_file_atomically
+from sparsefit.atomic import write_file_atomically
+from sparsefit.text import markdown_table
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -1,6 +1,6 @@
 """Recovery methods side by side on SmolLM2: Wanda masks at 50 %, 70 % and 2:4, every method on the same masks.
 
-For each setting, :func:`sparsefit.pipeline.compare.run_compare` prunes once and runs ``none`` (the pruned model),
+For each setting, :func:`sparsefit.app.compare.run_compare` prunes once and runs ``none`` (the pruned model),
 DSnoT, EBFT, SquareHead, LoRA and S²FT on the same calibration windows, every training method with the same token
 budget (token passes through each block; default 4 passes over the windows), and evaluates perplexity on ``wiki``
 and ``books``. The default setting is the CPU preset's scale (32 x 256 calibration tokens, 32 k-token budget,
@@ -53,7 +53,7 @@ def parse_settings(text: str) -> list[tuple[str, float, str]]:
 
 
 def to_markdown(bench: dict) -> str:
-    from sparsefit.pipeline.compare import _notes, table_rows
+    from sparsefit.app.compare.render import _notes, table_rows
 
     args = bench["args"]
     lines = [
@@ -91,10 +91,11 @@ def run_bench(
     threads: int | None = None,
     out_dir: str | os.PathLike = RESULTS_DIR,
 ) -> dict:
+    from sparsefit.app.compare import parse_methods, run_compare
+    from sparsefit.app.defaults import COMPARE_EPOCHS
+    from sparsefit.app.jobs import versions
+    from sparsefit.atomic import write_file_atomically
     from sparsefit.errors import UsageError
-    from sparsefit.export.run_folder import write_file_atomically
-    from sparsefit.pipeline.compare import DEFAULT_EPOCHS, parse_methods, run_compare
-    from sparsefit.pipeline.jobs import versions
 
     parsed = parse_settings(settings)
     parse_methods(methods)
@@ -128,7 +129,7 @@ def run_bench(
     bench = {
         "bench": "compare",
         "args": args,
-        "budget_tokens": budget if budget is not None else DEFAULT_EPOCHS * nsamples * seqlen,
+        "budget_tokens": budget if budget is not None else COMPARE_EPOCHS * nsamples * seqlen,
         "threads": torch.get_num_threads(),
         "runs": runs,
         "failed_settings": failed,

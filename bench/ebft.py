@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -41,11 +40,10 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
 def measure(args: argparse.Namespace, setting: str, target: str) -> dict:
     import copy
 
+    from sparsefit.app.jobs import evaluate_model
     from sparsefit.data import calibration_windows, get_corpus
     from sparsefit.models import load
-    from sparsefit.pipeline import PruneConfig, prune_model
-    from sparsefit.pipeline.jobs import evaluate_model
-    from sparsefit.prune import parse_pattern
+    from sparsefit.prune import PruneConfig, parse_pattern, prune_model
     from sparsefit.recover import RecoveryContext, get_method
 
     def evaluate(model) -> dict:
@@ -92,12 +90,10 @@ def measure(args: argparse.Namespace, setting: str, target: str) -> dict:
     }
 
 
-def gap(dense: float, pruned: float, recovered: float) -> tuple[float, float]:
-    if pruned <= dense:
-        return float("nan"), float("nan")
-    linear = (pruned - recovered) / (pruned - dense)
-    log = (math.log(pruned) - math.log(recovered)) / (math.log(pruned) - math.log(dense))
-    return linear, log
+def gap(dense: float, pruned: float, recovered: float) -> tuple[float | None, float | None]:
+    from sparsefit.app.reports import gap_closed
+
+    return gap_closed(dense, pruned, recovered), gap_closed(dense, pruned, recovered, log=True)
 
 
 def main() -> None:

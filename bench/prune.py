@@ -27,10 +27,11 @@ SETTINGS = (("0.5", "unstructured"), ("0.6", "unstructured"), ("0.7", "unstructu
 
 def measure(args: argparse.Namespace, method: str, sparsity: float, pattern: str) -> dict:
     """Load, time one dense calibration forward (method 'dense') or a pruning run, evaluate."""
+    from sparsefit.app.jobs import evaluate_model
     from sparsefit.data import calibration_windows, get_corpus
     from sparsefit.models import get_adapter, load
-    from sparsefit.pipeline import PruneConfig, capture_inputs, prune_model, walk_blocks
-    from sparsefit.pipeline.jobs import evaluate_model
+    from sparsefit.prune import PruneConfig, prune_model
+    from sparsefit.walk import capture_inputs, walk_blocks
 
     torch.manual_seed(0)
     loaded = load(args.model)

@@ -154,7 +154,7 @@ def test_two_step_recover_from_a_run_folder(workspace, monkeypatch, tmp_path, ta
     report = json.loads((out / "ebft.json").read_text())
     assert all(b["final_loss"] < b["initial_loss"] for b in report["blocks"])
     run = json.loads((out / "run.json").read_text())
-    assert run["source_model"] == str(workspace / "tiny") and run["ebft"]["target"] == target
+    assert run["source_model"] == str(workspace / "tiny") and run["recovery"]["target"] == target
     assert (out / "ebft.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -5,8 +5,9 @@ import random
 import pytest
 import torch
 
+from sparsefit.app.compare import parse_methods, run_compare
+from sparsefit.app.reports import gap_closed
 from sparsefit.errors import UsageError
-from sparsefit.pipeline.compare import gap_closed, gap_closed_log, parse_methods, run_compare
 from sparsefit.recover.squarehead import SquareHead
 
 WORDS = ("the cat sat on a mat while rain fell over quiet hills and rivers ran to the sea where ships sailed "
@@ -46,8 +47,9 @@ def test_gap_closed_linear_and_log():
     assert gap_closed(10.0, 30.0, 10.0) == pytest.approx(1.0)
     assert gap_closed(10.0, 30.0, 40.0) == pytest.approx(-0.5)
     assert gap_closed(10.0, 10.0, 10.0) is None
-    assert gap_closed_log(10.0, 1000.0, 100.0) == pytest.approx(0.5)
-    assert gap_closed_log(10.0, 1000.0, 100.0) < gap_closed(10.0, 1000.0, 100.0)
+    assert gap_closed(10.0, 0.0, 7.0) is None  # no log of 0: not a perplexity
+    assert gap_closed(10.0, 1000.0, 100.0, log=True) == pytest.approx(0.5)
+    assert gap_closed(10.0, 1000.0, 100.0, log=True) < gap_closed(10.0, 1000.0, 100.0)
 
 
 def test_bad_method_lists_fail_with_one_line_before_any_work(tiny_checkpoint, corpus, tmp_path, monkeypatch):
@@ -72,7 +74,7 @@ def test_bad_method_lists_fail_with_one_line_before_any_work(tiny_checkpoint, co
 
 
 def test_compare_end_to_end_with_a_failing_method(tiny_checkpoint, corpus, tmp_path, monkeypatch):
-    def boom(self, ctx):
+    def boom(self, ctx, config=None):
         raise RuntimeError("boom\nsecond line")
 
     monkeypatch.setattr(SquareHead, "run", boom)

@@ -4,13 +4,21 @@ import torch
 from conftest import make_tiny_model
 from sparsefit.errors import UsageError
 from sparsefit.models import get_adapter, prunable_layers, weight_matrix
-from sparsefit.pipeline import PruneConfig, capture_inputs, prune_model
-from sparsefit.pipeline.recover_model import check_teacher, recover_model
-from sparsefit.pipeline.targets import TargetStep
-from sparsefit.pipeline.walker import BlockContext
-from sparsefit.recover.ebft import EBFTConfig, EBFTStep, block_masks, fine_tune_block, preset
+from sparsefit.prune import PruneConfig, parse_pattern, prune_model
+from sparsefit.recover import RecoveryContext, get_method
+from sparsefit.recover.ebft import EBFTConfig, EBFTStep, fine_tune_block
+from sparsefit.walk import BlockContext, TeacherStep, capture_inputs, check_teacher
+from sparsefit.walk.masks import block_masks
 
 IDS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+CPU = torch.device("cpu")
+
+
+def recover_model(model, dense, config):
+    """Two-step EBFT through the registered method (the one driver), as `sparsefit recover` runs it."""
+    ctx = RecoveryContext(model=model, teacher=dense, tokenizer=None, calib_ids=IDS,
+                          pattern=parse_pattern("unstructured"), device=CPU, batch_size=4)  # fmt: skip
+    return get_method("ebft").run(ctx, config)
 FAST = EBFTConfig(lr=1e-3, epochs=3, batch_size=2, heldout=2)
 
 
@@ -57,16 +65,15 @@ def test_fine_tune_block_lowers_loss_and_keeps_masks_exactly():
 def test_interleaved_prune_then_ebft_runs_for_both_targets(target):
     model = make_tiny_model("llama")
     cfg = PruneConfig(method="wanda", sparsity=0.5, device="cpu", nsamples=8, seqlen=32)
-    fits = {}
     config = EBFTConfig(lr=1e-3, epochs=2, batch_size=2, target=target)
-    steps_before = [TargetStep(target="dense-path")] if target == "dense-path" else []
-    prune_model(
-        model, IDS, cfg, steps_before=steps_before,
-        recover_steps=[EBFTStep(config, on_fit=lambda i, f: fits.__setitem__(i, f))],
+    steps_before = [TeacherStep(None, target="dense-path")] if target == "dense-path" else []
+    walked = prune_model(
+        model, IDS, cfg, steps_before=steps_before, recover_steps=[EBFTStep(config)],
         keep_dense_outputs=target == "sparse-path",
     )  # fmt: skip
+    fits = {r["block"]: r["ebft"] for r in walked["blocks"]}
     assert sorted(fits) == [0, 1]
-    assert all(f.final_loss < f.initial_loss for f in fits.values())
+    assert all(f["final_loss"] < f["initial_loss"] for f in fits.values())
     for name, keep in _masks(model).items():
         assert keep.float().mean().item() == pytest.approx(0.5), name
 
@@ -79,8 +86,7 @@ def test_two_step_recover_improves_output_and_keeps_masks():
     with torch.no_grad():
         want = dense(input_ids=IDS).logits
         before = torch.nn.functional.mse_loss(model(input_ids=IDS).logits, want).item()
-    recover_model(model, dense, IDS, [EBFTStep(EBFTConfig(lr=1e-3, epochs=4, batch_size=2))],
-                  device=torch.device("cpu"), batch_size=4)  # fmt: skip
+    recover_model(model, dense, EBFTConfig(lr=1e-3, epochs=4, batch_size=2))
     with torch.no_grad():
         after = torch.nn.functional.mse_loss(model(input_ids=IDS).logits, want).item()
     assert after < before
@@ -115,10 +121,15 @@ def test_bad_config_is_one_clear_error(overrides, message):
 
 
 def test_presets():
-    assert preset("paper").lr == 2e-4 and preset("paper").epochs == 10 and preset("paper").batch_size == 8
-    assert preset("cpu", lr=5e-4).lr == 5e-4
+    ebft = get_method("ebft")
+    paper = ebft.configure({"preset": "paper"})
+    assert paper.lr == 2e-4 and paper.epochs == 10 and paper.batch_size == 8
+    assert ebft.configure({"preset": "cpu", "lr": 5e-4}).lr == 5e-4
+    # auto: the cpu preset on a CPU, the paper's on a GPU
+    assert ebft.configure({}, device=CPU).lr == 1e-3
+    assert ebft.configure({"preset": "auto"}, device=torch.device("cuda")).lr == 2e-4
     with pytest.raises(UsageError, match="preset"):
-        preset("gpu")
+        ebft.configure({"preset": "gpu"})
 
 
 def test_gpt2_conv1d_masks_stay_fixed():
@@ -126,7 +137,6 @@ def test_gpt2_conv1d_masks_stay_fixed():
     model = make_tiny_model("gpt2")
     prune_model(model, IDS, PruneConfig(method="magnitude", sparsity=0.5, device="cpu", nsamples=8, seqlen=32))
     masks = _masks(model)
-    recover_model(model, dense, IDS, [EBFTStep(EBFTConfig(lr=1e-3, epochs=1, batch_size=4))],
-                  device=torch.device("cpu"), batch_size=4)  # fmt: skip
+    recover_model(model, dense, EBFTConfig(lr=1e-3, epochs=1, batch_size=4))
     for name, keep in _masks(model).items():
         assert torch.equal(keep, masks[name]), name

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_model
+from sparsefit.atomic import write_atomically
 from sparsefit.errors import UsageError
 from sparsefit.export import (
     export_compressed,
@@ -22,11 +23,11 @@ from sparsefit.export import (
     save_compressed,
     save_masks,
     to_semi_structured,
-    write_atomically,
 )
 from sparsefit.export.compressed import WEIGHTS_FILE
-from sparsefit.export.masks import model_masks, pack_bits
+from sparsefit.export.masks import pack_bits
 from sparsefit.models import get_adapter, prunable_layers, weight_matrix
+from sparsefit.walk.masks import model_masks
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_MESSAGE = "2:4 semi-structured kernels need a CUDA GPU with compute capability >= 8.0; found: cpu"
@@ -318,7 +319,11 @@ def test_to_semi_structured_matches_dense_on_gpu():
 
 
 def test_inference_bench_cpu_writes_honest_table(tmp_path):
-    from sparsefit.export import inference_bench as bench
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_inference", REPO / "bench" / "inference.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
 
     result = bench.run_inference_bench(
         None, batches=(1, 2), prompt_len=4, device="cpu", shapes=((8, 16),), min_time_s=0.001, out_dir=tmp_path

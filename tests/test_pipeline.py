@@ -3,7 +3,7 @@ import torch
 
 from conftest import ARCHS, make_tiny_model
 from sparsefit.models import get_adapter
-from sparsefit.pipeline import capture_inputs, walk_blocks
+from sparsefit.walk import capture_inputs, walk_blocks
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -6,13 +6,13 @@ import torch
 from conftest import make_tiny_model
 from sparsefit.errors import UsageError
 from sparsefit.models import get_adapter, prunable_layers, weight_matrix
-from sparsefit.pipeline import PruneConfig, prune_model
-from sparsefit.prune import check_pattern, parse_pattern
+from sparsefit.prune import PruneConfig, check_pattern, parse_pattern, prune_model
 from sparsefit.recover import METHODS, RecoveryContext, get_method
 from sparsefit.recover.dsnot import DSnoTConfig, dsnot_nm, dsnot_unstructured, select_layers
 from sparsefit.recover.s2ft import S2FTConfig, attach
 from sparsefit.recover.squarehead import paper_lr, squarehead_distill
-from sparsefit.recover.training import model_layers, model_masks, plan_steps, same_zeros
+from sparsefit.recover.training import plan_steps
+from sparsefit.walk.masks import model_layers, model_masks, same_zeros
 
 IDS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
 CPU = torch.device("cpu")
@@ -204,7 +204,9 @@ def test_lora_merged_then_remasked_keeps_exact_sparsity_and_reports_unmerged():
         calls.append(type(m).__name__)
         return {"ppl": {"x": 1.0}}
 
-    report = get_method("lora").run(context(model, dense, budget=8 * 2 * 32, lr=5e-3, eval_callback=evaluate))
+    ctx = context(model, dense, budget=8 * 2 * 32, lr=5e-3)
+    ctx.evaluate = evaluate
+    report = get_method("lora").run(ctx)
     assert calls and report["unmerged"] == {"ppl": {"x": 1.0}}
     assert report["fit"]["final_loss"] < report["fit"]["initial_loss"]
     assert report["sparsity_merged_unmasked"] < report["sparsity_saved"]  # merging alone would make q/v dense
@@ -215,7 +217,8 @@ def test_lora_merged_then_remasked_keeps_exact_sparsity_and_reports_unmerged():
 
 
 def test_lora_rejects_targets_the_model_lacks():
-    reason = get_method("lora").check_model(make_tiny_model("gpt2"), {})
+    lora = get_method("lora")
+    reason = lora.check_model(make_tiny_model("gpt2"), lora.configure({}))
     assert reason and "q_proj" in reason
 
 
@@ -269,7 +272,8 @@ def test_s2ft_fuse_unfuse_is_exact_and_matches_the_unfused_forward():
 
 
 def test_s2ft_needs_llama_like_blocks():
-    reason = get_method("s2ft").check_model(make_tiny_model("gpt2"), {})
+    s2ft = get_method("s2ft")
+    reason = s2ft.check_model(make_tiny_model("gpt2"), s2ft.configure({}))
     assert reason and "llama-like" in reason
     with pytest.raises(UsageError, match="llama-like"):
         attach(make_tiny_model("opt"), S2FTConfig(), seed=0)

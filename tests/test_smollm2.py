@@ -8,8 +8,7 @@ import torch
 from sparsefit.data import calibration_windows, get_corpus, test_stream
 from sparsefit.evaluate.perplexity import perplexity
 from sparsefit.models import get_adapter, load, prunable_layers, weight_matrix
-from sparsefit.pipeline import PruneConfig, prune_model
-from sparsefit.prune import parse_pattern, sparsity_report
+from sparsefit.prune import PruneConfig, parse_pattern, prune_model, sparsity_report
 from sparsefit.recover import RecoveryContext, get_method
 
 pytestmark = pytest.mark.slow

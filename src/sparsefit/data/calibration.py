@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
 from sparsefit import assets
+from sparsefit.atomic import save_tensors_atomically
 from sparsefit.data.corpora import Corpus, get_corpus
 from sparsefit.errors import UsageError
 
@@ -68,7 +67,7 @@ def _cache_path(tokenizer, text: str, tag: str) -> Path:
 
 def tokenize_cached(tokenizer, text: str, tag: str) -> torch.Tensor:
     """``text`` tokenized in one call, as a LongTensor (1, T); read from / written to the disk cache."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     path = _cache_path(tokenizer, text, tag)
     if path.exists():
@@ -78,17 +77,7 @@ def tokenize_cached(tokenizer, text: str, tag: str) -> torch.Tensor:
             pass
     ids = torch.tensor(encode(tokenizer, text), dtype=torch.long)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-        os.close(fd)
-        try:
-            # int32 halves the file; every vocabulary fits.
-            save_file({"ids": ids.to(torch.int32)}, tmp)
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is not a secret
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        save_tensors_atomically({"ids": ids.to(torch.int32)}, path)  # int32 halves the file; every vocabulary fits
     except OSError:
         pass  # a read-only cache only costs speed
     return ids.unsqueeze(0)

@@ -2,12 +2,11 @@
 
 from sparsefit.export.compressed import export_compressed, load_compressed, save_compressed
 from sparsefit.export.hf import export_hf, model_card
-from sparsefit.export.masks import apply_masks, load_masks, save_masks
-from sparsefit.export.run_folder import read_run, write_atomically
+from sparsefit.export.masks import load_masks, save_masks
+from sparsefit.export.run_folder import read_run
 from sparsefit.export.semi_structured import is_semi_structured, to_semi_structured
 
 __all__ = [
-    "apply_masks",
     "export_compressed",
     "export_hf",
     "is_semi_structured",
@@ -18,5 +17,4 @@ __all__ = [
     "save_compressed",
     "save_masks",
     "to_semi_structured",
-    "write_atomically",
 ]

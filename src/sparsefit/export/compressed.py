@@ -28,8 +28,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from sparsefit.atomic import check_output, write_atomically
 from sparsefit.errors import UsageError
+from sparsefit.export.hf import model_card
 from sparsefit.export.masks import BITORDER, packed_shape, unpack_bits
+from sparsefit.export.run_folder import load_run_model, read_run, same_folder
+from sparsefit.models.loading import _check_safetensors
+from sparsefit.walk.masks import model_layers
 
 WEIGHTS_FILE = "model.sparse.safetensors"
 FORMAT = "sparsefit-compressed"
@@ -66,17 +71,11 @@ def _join(bitmask: torch.Tensor, values: torch.Tensor, shape: list[int], bad: st
 
 def _sparse_candidates(model: nn.Module) -> set[str]:
     """Parameter names of the prunable block weights (or every 2-D weight for an unknown architecture)."""
-    from sparsefit.models import get_adapter, prunable_layers
-
     try:
-        adapter = get_adapter(model)
-    except UsageError:
+        layers = model_layers(model)
+    except UsageError:  # get_adapter: an architecture sparsefit does not know
         return {name for name, p in model.named_parameters() if p.dim() == 2}
-    return {
-        f"{adapter.blocks}.{index}.{name}.weight"
-        for index, block in enumerate(adapter.get_blocks(model))
-        for name in prunable_layers(block)
-    }
+    return {f"{name}.weight" for name in layers}
 
 
 def compress_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -156,8 +155,6 @@ def save_compressed(
     """Write ``model`` (and ``tokenizer``) as a compressed checkpoint folder ``out``, atomically."""
     from safetensors.torch import save_file
 
-    from sparsefit.export.run_folder import write_atomically
-
     def writer(tmp: Path) -> None:
         tensors, metadata = compress_state_dict(model)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
@@ -198,9 +195,6 @@ def _dense_view(model: nn.Module) -> list[torch.Tensor]:
 
 def export_compressed(run_dir: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Export a sparsefit run folder as a compressed checkpoint (bitmask + values); returns ``out``."""
-    from sparsefit.export.hf import model_card
-    from sparsefit.export.run_folder import check_output, load_run_model, read_run, same_folder
-
     run_json, sparsity_json = read_run(run_dir)
     if same_folder(run_dir, out):
         raise UsageError(f"output folder {str(out)!r} is the run folder itself; give another --out")
@@ -220,8 +214,6 @@ def load_compressed(path: str | os.PathLike) -> tuple[nn.Module, Any]:
     from transformers import AutoConfig, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
     from transformers.utils import logging as hf_logging
-
-    from sparsefit.models.loading import _check_safetensors
 
     folder = Path(path).expanduser()
     weights = folder / WEIGHTS_FILE

@@ -7,7 +7,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sparsefit.atomic import check_output, write_atomically
 from sparsefit.errors import UsageError
+from sparsefit.export.masks import MASKS_FILE, masks_bytes
+from sparsefit.export.run_folder import load_run_model, read_run, same_folder
+from sparsefit.walk.masks import model_masks
 
 NOT_MEASURED = "not measured"
 
@@ -18,8 +22,6 @@ def export_hf(run_dir: str | os.PathLike, out: str | os.PathLike, overwrite: boo
     ``out`` gets ``model.safetensors`` (pruned weights are exact zeros), config and tokenizer files,
     ``README.md`` (model card), ``run.json``, ``sparsity.json`` and, with ``masks``, ``masks.safetensors``.
     """
-    from sparsefit.export.masks import MASKS_FILE, masks_bytes, model_masks
-    from sparsefit.export.run_folder import check_output, load_run_model, read_run, same_folder, write_atomically
 
     run_json, sparsity_json = read_run(run_dir)
     if same_folder(run_dir, out):

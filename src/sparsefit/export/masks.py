@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from sparsefit.atomic import write_file_atomically
 from sparsefit.errors import UsageError
+from sparsefit.walk.masks import model_masks
 
 MASKS_FILE = "masks.safetensors"
 FORMAT = "sparsefit-masks"
@@ -49,18 +51,6 @@ def packed_shape(shape: tuple[int, ...] | list[int]) -> tuple[int, ...]:
     return (*tuple(shape[:-1]), math.ceil(int(shape[-1]) / 8))
 
 
-def model_masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{qualified layer name: weight != 0}`` (out, in) for every prunable decoder-block layer."""
-    from sparsefit.models import get_adapter, prunable_layers, weight_matrix
-
-    adapter = get_adapter(model)
-    masks: dict[str, torch.Tensor] = {}
-    for index, block in enumerate(adapter.get_blocks(model)):
-        for name, module in prunable_layers(block).items():
-            masks[f"{adapter.blocks}.{index}.{name}"] = weight_matrix(module) != 0
-    return masks
-
-
 def masks_bytes(masks: Mapping[str, torch.Tensor]) -> bytes:
     """The masks file's content (see the module docstring)."""
     from safetensors.torch import save
@@ -80,8 +70,6 @@ def save_masks(model: nn.Module | Mapping[str, torch.Tensor], path: str | os.Pat
 
     ``path`` may be a folder, in which case the file is ``path/masks.safetensors``.
     """
-    from sparsefit.export.run_folder import write_file_atomically
-
     masks = model_masks(model) if isinstance(model, nn.Module) else dict(model)
     target = Path(path).expanduser()
     if target.is_dir():
@@ -137,19 +125,3 @@ def _unpack_checked(name: str, packed: torch.Tensor, shape_text: str | None, bad
     if int(pack_bits(mask).ne(packed).sum()) != 0:
         raise UsageError(f"{bad} (layer {name!r}: padding bits are set; the file is damaged)")
     return mask
-
-
-def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
-    """Zero every weight outside its mask in place (after an optimizer step of mask-preserving fine-tuning)."""
-    from sparsefit.models import weight_matrix
-
-    modules = dict(model.named_modules())
-    for name, mask in masks.items():
-        if name not in modules:
-            raise UsageError(f"mask layer {name!r} is not a module of this model; were the masks made for it?")
-        weight = weight_matrix(modules[name])
-        if tuple(weight.shape) != tuple(mask.shape):
-            raise UsageError(
-                f"mask of {name!r} has shape {list(mask.shape)} but the weight is {list(weight.shape)} (out, in)"
-            )
-        weight.mul_(mask.to(device=weight.device, dtype=weight.dtype))

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from sparsefit.errors import UsageError
+from sparsefit.models import weight_matrix
+from sparsefit.walk.masks import model_layers
 
 CPU_MESSAGE = "2:4 semi-structured kernels need a CUDA GPU with compute capability >= 8.0; found: {found}"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -26,13 +28,9 @@ def is_semi_structured(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
 
 def first_non_semi_structured(model: nn.Module) -> str | None:
     """The qualified name of the first prunable block layer that is not 2:4, or None when all are."""
-    from sparsefit.models import get_adapter, prunable_layers, weight_matrix
-
-    adapter = get_adapter(model)
-    for index, block in enumerate(adapter.get_blocks(model)):
-        for name, module in prunable_layers(block).items():
-            if not is_semi_structured(weight_matrix(module)):
-                return f"{adapter.blocks}.{index}.{name}"
+    for name, module in model_layers(model).items():
+        if not is_semi_structured(weight_matrix(module)):
+            return name
     return None
 
 
@@ -52,8 +50,6 @@ def semi_structured_device_problem(device: torch.device | str | None = None) -> 
 
 def _as_linear(module: nn.Module) -> nn.Linear:
     # GPT-2's Conv1D computes x @ W with W (in, out); the sparse kernels want F.linear's (out, in) weight.
-    from sparsefit.models import weight_matrix
-
     weight = weight_matrix(module)
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None, device=weight.device,
                        dtype=weight.dtype)
@@ -72,8 +68,6 @@ def to_semi_structured(model: nn.Module) -> nn.Module:
     """
     from torch.sparse import to_sparse_semi_structured
 
-    from sparsefit.models import get_adapter, prunable_layers
-
     # The pattern first: it is checkable anywhere, and a non-2:4 model is the deeper problem.
     offending = first_non_semi_structured(model)
     if offending is not None:
@@ -85,28 +79,25 @@ def to_semi_structured(model: nn.Module) -> nn.Module:
     problem = semi_structured_device_problem(param.device if param is not None else "cpu")
     if problem is not None:
         raise UsageError(problem)
-    adapter = get_adapter(model)
-    for index, block in enumerate(adapter.get_blocks(model)):
-        for name, module in prunable_layers(block).items():
-            qualified = f"{adapter.blocks}.{index}.{name}"
-            if module.weight.dtype not in SUPPORTED_DTYPES:
-                raise UsageError(
-                    f"layer {qualified!r} is {str(module.weight.dtype).removeprefix('torch.')}; 2:4 kernels need "
-                    "float16 or bfloat16 (load the model with --dtype bfloat16)"
-                )
-            if not isinstance(module, nn.Linear):
-                module = _as_linear(module)
-                parent_name, _, child = name.rpartition(".")
-                setattr(block.get_submodule(parent_name) if parent_name else block, child, module)
-            try:
-                sparse = to_sparse_semi_structured(module.weight.detach())
-            except (RuntimeError, ValueError) as exc:
-                text = str(exc).strip().splitlines()
-                raise UsageError(
-                    f"layer {qualified!r} (shape {list(module.weight.shape)}) cannot use 2:4 kernels: "
-                    f"{text[0] if text else type(exc).__name__}"
-                ) from None
-            module.weight = nn.Parameter(sparse, requires_grad=False)
+    for qualified, module in model_layers(model).items():
+        if module.weight.dtype not in SUPPORTED_DTYPES:
+            raise UsageError(
+                f"layer {qualified!r} is {str(module.weight.dtype).removeprefix('torch.')}; 2:4 kernels need "
+                "float16 or bfloat16 (load the model with --dtype bfloat16)"
+            )
+        if not isinstance(module, nn.Linear):
+            module = _as_linear(module)
+            parent_name, _, child = qualified.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, module)
+        try:
+            sparse = to_sparse_semi_structured(module.weight.detach())
+        except (RuntimeError, ValueError) as exc:
+            text = str(exc).strip().splitlines()
+            raise UsageError(
+                f"layer {qualified!r} (shape {list(module.weight.shape)}) cannot use 2:4 kernels: "
+                f"{text[0] if text else type(exc).__name__}"
+            ) from None
+        module.weight = nn.Parameter(sparse, requires_grad=False)
     return model
 
 

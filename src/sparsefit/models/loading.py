@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +10,7 @@ import torch
 from torch import nn
 
 from sparsefit import assets
+from sparsefit.atomic import write_atomically
 from sparsefit.errors import UsageError
 
 BUILTIN_MODELS: dict[str, tuple[str, str]] = {
@@ -101,15 +99,12 @@ def dequantize_gguf(gguf: Path, out_dir: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
-    try:
+
+    def writer(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_atomically(out_dir, writer, overwrite=True)
     return out_dir
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from sparsefit.errors import UsageError
-from sparsefit.recover.base import RecoveryContext, RecoveryMethod
+from sparsefit.recover.base import BlockwiseMethod, ModelMethod, RecoveryContext, RecoveryMethod
 from sparsefit.recover.dsnot import DSnoT
-from sparsefit.recover.ebft_method import EBFT
+from sparsefit.recover.ebft import EBFT
 from sparsefit.recover.lora import LoRA
 from sparsefit.recover.s2ft import S2FT
 from sparsefit.recover.squarehead import SquareHead
@@ -25,4 +25,4 @@ def get_method(name: str) -> RecoveryMethod:
     return METHODS[name]()
 
 
-__all__ = ["METHODS", "RecoveryContext", "RecoveryMethod", "get_method"]
+__all__ = ["METHODS", "BlockwiseMethod", "ModelMethod", "RecoveryContext", "RecoveryMethod", "get_method"]

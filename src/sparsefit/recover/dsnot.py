@@ -30,22 +30,18 @@ as the reference (``skip_layer mlp``). Works through the adapters for every arch
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from sparsefit.errors import UsageError, check
-from sparsefit.models.adapters import get_adapter, prunable_layers, weight_matrix
-from sparsefit.pipeline.capture import capture_inputs
-from sparsefit.pipeline.hooks import layer_inputs
-from sparsefit.pipeline.recover_model import check_teacher
-from sparsefit.pipeline.walker import BlockContext, walk_blocks
-from sparsefit.prune import Pattern, parse_pattern
+from sparsefit.errors import check
+from sparsefit.models.adapters import prunable_layers, weight_matrix
 from sparsefit.prune.masks import flatten_inputs
-from sparsefit.recover.base import RecoveryContext, RecoveryMethod
-from sparsefit.recover.training import make_config
+from sparsefit.prune.pattern import Pattern
+from sparsefit.recover.base import BlockwiseMethod
+from sparsefit.walk.hooks import layer_inputs
+from sparsefit.walk.walker import BlockContext, BlockStep
 
 LAYER_SETS = ("attn", "mlp", "all")
 VAR_FLOOR = 1e-12  # a channel constant over every window has zero variance: rank it first, never divide by 0
@@ -60,7 +56,7 @@ class DSnoTConfig:
     var_power: float = 1.0
     layers: str = "attn"  # attn (the reference's default), mlp, or all
 
-    def validate(self) -> None:
+    def validate(self, name: str = "dsnot", n_windows: int | None = None) -> None:
         check(
             isinstance(self.max_cycles, int) and self.max_cycles >= 1,
             f"dsnot max cycles {self.max_cycles!r} must be an integer >= 1",
@@ -261,70 +257,62 @@ def dsnot_layer(
     return result.keep, report
 
 
-@dataclass
-class DSnoTStep:
-    """The walker step: statistics from the teacher's block on the sparse inputs, then DSnoT on each chosen layer."""
+class DSnoTStep(BlockStep):
+    """The walker step: statistics from the dense block (``ctx.teacher_block``) on the sparse inputs, then DSnoT
+    on each chosen layer."""
 
-    config: DSnoTConfig
-    teacher: nn.Module
-    pattern: Pattern
-    on_block: Callable[[int, dict], None] | None = None
-    reports: list[dict] = field(default_factory=list)
+    def __init__(self, config: DSnoTConfig, pattern: Pattern) -> None:
+        self.config = config
+        self.pattern = pattern
 
     def __call__(self, ctx: BlockContext) -> None:
-        teacher_block = get_adapter(self.teacher).get_blocks(self.teacher)[ctx.index].to(ctx.device)
-        dense_layers = select_layers(prunable_layers(teacher_block), self.config.layers)
+        if ctx.teacher_block is None:
+            raise RuntimeError("DSnoT needs the dense block; put a teacher step with keep_block before it")
+        dense_layers = select_layers(prunable_layers(ctx.teacher_block), self.config.layers)
         layers = prunable_layers(ctx.block)
         stats = {name: ChannelStats(weight_matrix(layer).shape[1], ctx.device) for name, layer in dense_layers.items()}
-        probe = BlockContext(ctx.index, ctx.name, teacher_block, ctx.inputs, ctx.kwargs, ctx.device, ctx.batch_size)
         began = time.perf_counter()
         with layer_inputs(dense_layers, lambda name, x: stats[name].add(x)):
-            probe.run_all()
+            ctx.run_all(block=ctx.teacher_block)
         report = {"block": ctx.index, "layers": {}}
         for name, dense_layer in dense_layers.items():
             keep, layer_report = dsnot_layer(layers[name], dense_layer, stats[name], self.config, self.pattern,
                                              ctx.masks.get(name))  # fmt: skip
             ctx.masks[name] = keep
             report["layers"][name] = layer_report
-        teacher_block.to("cpu")
         report["time_s"] = time.perf_counter() - began
         ctx.report["dsnot"] = report
-        self.reports.append(report)
-        if self.on_block:
-            self.on_block(ctx.index, report)
+        swaps = sum(r["swaps"] for r in report["layers"].values())
+        before = sum(r["abs_error_before"] for r in report["layers"].values())
+        after = sum(r["abs_error_after"] for r in report["layers"].values())
+        ctx.summary = f"{swaps} swaps, |error| {before:.4g} -> {after:.4g}"
 
 
-class DSnoT(RecoveryMethod):
+class DSnoT(BlockwiseMethod):
+    """DSnoT: training-free prune-and-grow of the masks, block by block, statistics from the dense block."""
+
     name = "dsnot"
     trains = False
-
-    def configure(self, options: dict, n_windows: int | None = None) -> DSnoTConfig:
-        config = make_config(self.name, PRESETS, options, default="paper")
-        config.validate()
-        return config
+    presets = PRESETS
+    needs_teacher_block = True
 
     def supports(self, pattern: Pattern) -> str | None:
         return None  # unstructured and N:M (swaps stay inside each group)
 
-    def run(self, ctx: RecoveryContext) -> dict:
-        config = self.configure(ctx.options)
-        pattern = parse_pattern(ctx.pattern)
-        model, teacher = ctx.model, ctx.teacher
-        check_teacher(model, teacher)
-        adapter = get_adapter(model)
-        if not any(select_layers(prunable_layers(b), config.layers) for b in adapter.get_blocks(model)):
-            raise UsageError(f"dsnot layers {config.layers!r} selects no layer of this {model.config.model_type} model")
-        step = DSnoTStep(config, teacher, pattern)
-        inputs, block_kwargs = capture_inputs(model, adapter, ctx.calib_ids, device=ctx.device,
-                                              batch_size=ctx.batch_size)  # fmt: skip
-        try:
-            walk_blocks(model, adapter, inputs, block_kwargs, [step], device=ctx.device, batch_size=ctx.batch_size)
-        finally:
-            model.to("cpu")
-        layers = [layer for block in step.reports for layer in block["layers"].values()]
+    def check_model(self, model: nn.Module, config: DSnoTConfig) -> str | None:
+        if not any(select_layers(prunable_layers(b), config.layers) for b in self.blocks_of(model)):
+            return f"dsnot layers {config.layers!r} selects no layer of this {model.config.model_type} model"
+        return None
+
+    def block_steps(self, config: DSnoTConfig, pattern: Pattern) -> list[BlockStep]:
+        return [DSnoTStep(config, pattern)]
+
+    def summarize(self, config: DSnoTConfig, reports: list[dict], model: nn.Module) -> dict:
+        blocks = [r["dsnot"] for r in reports if "dsnot" in r]
+        layers = [layer for block in blocks for layer in block["layers"].values()]
         return {
             "config": config.to_dict(),
-            "blocks": step.reports,
+            "blocks": blocks,
             "swaps": sum(layer["swaps"] for layer in layers),
             "abs_error_before": sum(layer["abs_error_before"] for layer in layers),
             "abs_error_after": sum(layer["abs_error_after"] for layer in layers),

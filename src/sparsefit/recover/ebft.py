@@ -14,22 +14,28 @@ they stay exactly zero; the mask is applied once more at the end, as the referen
 
 from __future__ import annotations
 
+import json
 import math
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
 
-from sparsefit.errors import UsageError, check
+from sparsefit.errors import check
 from sparsefit.models.adapters import prunable_layers, weight_matrix
+from sparsefit.recover.base import BlockwiseMethod
+from sparsefit.recover.report import ebft_markdown, ebft_plot_png
+from sparsefit.recover.training import FitConfig, train_loop
+from sparsefit.walk.masks import block_masks
+from sparsefit.walk.targets import TARGETS
+from sparsefit.walk.walker import BlockContext, BlockStep
 
-TARGETS = ("sparse-path", "dense-path")
+AUTOCAST = ("auto", "none", "bf16")
 
 
 @dataclass
-class EBFTConfig:
+class EBFTConfig(FitConfig):
     """Hyper-parameters; the defaults are the official code's (README lr, not the code's 0.01)."""
 
     lr: float = 2e-4
@@ -41,40 +47,12 @@ class EBFTConfig:
     batch_size: int = 8
     train_norms: bool = True
     target: str = "sparse-path"
-    heldout: int = 0  # calibration windows kept out of training, for the held-out loss
-    early_stop: int = 0  # stop a block after this many epochs without held-out improvement (0: never)
-    seed: int = 0
     autocast: str = "auto"  # auto: bf16 autocast on CUDA, float32 elsewhere; or "none", "bf16"
 
-    def validate(self, n_windows: int | None = None) -> None:
-        check(self.lr > 0, f"EBFT lr {self.lr} must be > 0")
-        check(self.weight_decay >= 0, f"EBFT weight decay {self.weight_decay} must be >= 0")
-        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"EBFT betas ({self.beta1}, {self.beta2}) must be in [0, 1)")
-        check(self.clip > 0, f"EBFT clip {self.clip} must be > 0")
-        check(self.epochs >= 1, f"EBFT epochs {self.epochs} must be >= 1")
-        check(self.batch_size >= 1, f"EBFT batch {self.batch_size} must be >= 1")
-        check(self.target in TARGETS, f"EBFT target {self.target!r} is not one of {', '.join(TARGETS)}")
-        check(self.heldout >= 0, f"EBFT held-out windows {self.heldout} must be >= 0")
-        check(self.early_stop >= 0, f"EBFT early stop patience {self.early_stop} must be >= 0")
-        check(self.autocast in ("auto", "none", "bf16"), f"autocast {self.autocast!r}: use auto, none or bf16")
-        check(
-            self.early_stop == 0 or self.heldout > 0,
-            "EBFT early stop needs held-out windows; set heldout > 0",
-        )
-        if n_windows is not None:
-            train = n_windows - self.heldout
-            check(
-                train >= 1,
-                f"EBFT held-out windows {self.heldout} leave no training window out of {n_windows}",
-            )
-            check(
-                self.batch_size <= train,
-                f"EBFT batch {self.batch_size} is larger than the {train} training windows; "
-                "lower the batch or add calibration samples",
-            )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def validate(self, name: str = "ebft", n_windows: int | None = None) -> None:
+        super().validate(name, n_windows)
+        check(self.target in TARGETS, f"{name} target {self.target!r} is not one of {', '.join(TARGETS)}")
+        check(self.autocast in AUTOCAST, f"{name} autocast {self.autocast!r}: use {', '.join(AUTOCAST)}")
 
 
 PRESETS: dict[str, EBFTConfig] = {
@@ -84,17 +62,6 @@ PRESETS: dict[str, EBFTConfig] = {
     # official setting barely moves AdamW in 8 steps per block (DESIGN.md, measured). See README.
     "cpu": EBFTConfig(lr=1e-3, epochs=4, batch_size=2, heldout=2),
 }
-
-
-def preset(name: str, **overrides) -> EBFTConfig:
-    if name not in PRESETS:
-        raise UsageError(f"EBFT preset {name!r} is not known; choose one of {', '.join(PRESETS)}")
-    return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
-
-
-def block_masks(block: nn.Module) -> dict[str, torch.Tensor]:
-    """Keep masks read off a sparse block: a weight is kept when it is not exactly zero."""
-    return {name: weight_matrix(layer) != 0 for name, layer in prunable_layers(block).items()}
 
 
 def _trainable(block: nn.Module, masks: dict[str, torch.Tensor], train_norms: bool):
@@ -149,6 +116,8 @@ class BlockFit:
     train_curve: list[float] = field(default_factory=list)
     heldout_curve: list[float] = field(default_factory=list)
     epochs_run: int = 0
+    best_epoch: int | None = None
+    stopped_early: bool = False
     steps: int = 0
     time_s: float = 0.0
     tokens_per_s: float = 0.0
@@ -168,9 +137,13 @@ def fine_tune_block(
     *,
     device: torch.device,
     seed: int,
+    progress=None,
 ) -> BlockFit:
-    """Fit ``forward(inputs) ≈ targets`` by AdamW on the block's masked weights. Inputs/targets stay on the CPU."""
-    config.validate(inputs.shape[0])
+    """Fit ``forward(inputs) ≈ targets`` by AdamW on the block's masked weights, in the one training loop.
+
+    Inputs/targets stay on the CPU; the last ``config.heldout`` windows are held out.
+    """
+    config.validate(n_windows=inputs.shape[0])
     n_train = inputs.shape[0] - config.heldout
     train_x, train_y = inputs[:n_train], targets[:n_train]
     held_x, held_y = inputs[n_train:], targets[n_train:]
@@ -181,72 +154,40 @@ def fine_tune_block(
         if use_bf16
         else (lambda: torch.autocast(device.type, enabled=False))
     )
-    # Determinism for resume: everything random in this block derives from (seed, block) only.
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-
-    params, hooks, layers = _trainable(block, masks, config.train_norms)
-    optimizer = torch.optim.AdamW(
-        params, lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
-    )
-    steps_per_epoch = math.ceil(n_train / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / total_steps))
 
     def evaluate(x, y):
         block.eval()
         return _mse(forward, x, y, config.batch_size, device, param_dtype, autocast) if x.shape[0] else None
 
+    def loss_of(index: torch.Tensor) -> torch.Tensor:
+        x = train_x[index].to(device, param_dtype)
+        y = train_y[index].to(device, torch.float32)
+        with autocast():
+            out = forward(x)
+        return torch.nn.functional.mse_loss(out.float(), y)
+
     fit = BlockFit(initial_loss=evaluate(train_x, train_y), final_loss=0.0, initial_heldout=evaluate(held_x, held_y),
                    final_heldout=None)  # fmt: skip
-    best_heldout, stale, best_state = fit.initial_heldout, 0, None
-    trained_tokens = 0
-    began = time.perf_counter()
+    params, hooks, layers = _trainable(block, masks, config.train_norms)
+    steps = math.ceil(n_train / config.batch_size) * config.epochs
     try:
-        for _epoch in range(config.epochs):
-            block.train()
-            order = torch.randperm(n_train, generator=generator)
-            epoch_loss = 0.0
-            for start in range(0, n_train, config.batch_size):
-                index = order[start : start + config.batch_size]
-                x = train_x[index].to(device, param_dtype)
-                y = train_y[index].to(device, torch.float32)
-                with autocast():
-                    out = forward(x)
-                loss = torch.nn.functional.mse_loss(out.float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, config.clip)
-                optimizer.step()
-                scheduler.step()
-                epoch_loss += loss.item() * index.numel()
-                fit.steps += 1
-                trained_tokens += index.numel() * inputs.shape[1]
-            fit.train_curve.append(epoch_loss / n_train)
-            fit.epochs_run += 1
-            if held_x.shape[0]:
-                held = evaluate(held_x, held_y)
-                fit.heldout_curve.append(held)
-                if config.early_stop:
-                    if held < best_heldout:
-                        best_heldout, stale = held, 0
-                        best_state = {k: v.detach().clone() for k, v in block.state_dict().items()}
-                    else:
-                        stale += 1
-                        if stale >= config.early_stop:
-                            break
+        log = train_loop(
+            block, params, loss_of, n_train, config, steps=steps, seed=seed,
+            heldout_loss=(lambda: evaluate(held_x, held_y)) if held_x.shape[0] else None,
+            initial_heldout=fit.initial_heldout, progress=progress,
+        )  # fmt: skip
     finally:
         for hook in hooks:
             hook.remove()
         for param in block.parameters():
             param.requires_grad_(False)
-        optimizer.zero_grad(set_to_none=True)
-    if best_state is not None and fit.heldout_curve and fit.heldout_curve[-1] > best_heldout:
-        block.load_state_dict(best_state)  # early stop: keep the best held-out epoch
     with torch.no_grad():
         for name, layer in layers.items():
             weight_matrix(layer).mul_(masks[name].to(layer.weight.device))
-    fit.time_s = time.perf_counter() - began
+    trained_tokens = log.windows * inputs.shape[1]
+    fit.train_curve, fit.heldout_curve = log.curve, log.heldout_curve
+    fit.epochs_run, fit.steps, fit.time_s = log.epochs_run, log.steps, log.time_s
+    fit.best_epoch, fit.stopped_early = log.best_epoch, log.stopped_early
     fit.tokens_per_s = trained_tokens / fit.time_s if fit.time_s else 0.0
     # Matmul FLOPs of the linear layers (dense kernels run over the zeros too): 2 forward + 4 backward
     # per weight and token. Attention scores are left out, so this is a lower bound.
@@ -257,27 +198,75 @@ def fine_tune_block(
     return fit
 
 
-@dataclass
-class EBFTStep:
+class EBFTStep(BlockStep):
     """The walker step: fine-tune the just-pruned block towards ``ctx.dense_outputs``."""
 
-    config: EBFTConfig
-    on_fit: Callable[[int, BlockFit], None] | None = None
+    def __init__(self, config: EBFTConfig) -> None:
+        self.config = config
 
-    def __call__(self, ctx) -> None:
+    def __call__(self, ctx: BlockContext) -> None:
         if ctx.dense_outputs is None:
             raise RuntimeError("EBFT needs the dense targets; put a target step before it")
         masks = ctx.masks or block_masks(ctx.block)
+        n_train = ctx.inputs.shape[0] - self.config.heldout
+        steps = self.config.epochs * math.ceil(n_train / self.config.batch_size)
+
+        def progress(done=None, advance=1, note=None):
+            ctx.note(f"block {ctx.index}: step {done}/{steps}, {note}")
+
         fit = fine_tune_block(
-            ctx.block,
-            ctx.forward,
-            ctx.inputs,
-            ctx.dense_outputs,
-            masks,
-            self.config,
-            device=ctx.device,
-            seed=self.config.seed * 100_003 + ctx.index,
-        )
+            ctx.block, ctx.forward, ctx.inputs, ctx.dense_outputs, masks, self.config, device=ctx.device,
+            seed=self.config.seed * 100_003 + ctx.index, progress=progress,
+        )  # fmt: skip
         ctx.report["ebft"] = fit.to_dict()
-        if self.on_fit:
-            self.on_fit(ctx.index, fit)
+        ctx.summary = f"mse {fit.initial_loss:.4g} -> {fit.final_loss:.4g}"
+
+
+class EBFT(BlockwiseMethod):
+    """EBFT: block-wise reconstruction fine-tuning against the dense block's outputs, masks fixed."""
+
+    name = "ebft"
+    trains = True
+    presets = PRESETS
+    writes = ("ebft.json", "ebft.png", "report.md")
+
+    def target(self, config: EBFTConfig) -> str:
+        return config.target
+
+    def with_budget(self, config: EBFTConfig, budget_tokens: int | None, n_windows: int, seqlen: int) -> EBFTConfig:
+        if budget_tokens is None:
+            return config
+        # A token budget counts forward passes over training tokens, per block: epochs follow from it.
+        epochs = max(1, math.ceil(budget_tokens / ((n_windows - config.heldout) * seqlen)))
+        return replace(config, epochs=epochs)
+
+    def block_steps(self, config: EBFTConfig, pattern) -> list[BlockStep]:
+        return [EBFTStep(config)]
+
+    def summarize(self, config: EBFTConfig, reports: list[dict], model: nn.Module) -> dict:
+        blocks = [{"block": r["block"], **r["ebft"]} for r in reports if "ebft" in r]
+        model_blocks = self.blocks_of(model)
+        # What EBFT trains: every kept (nonzero) linear weight, plus the norm weights when they train.
+        trainable = sum(
+            int((weight_matrix(layer) != 0).sum())
+            for block in model_blocks
+            for layer in prunable_layers(block).values()
+        )
+        if config.train_norms:
+            trainable += sum(
+                p.numel() for block in model_blocks for m in block.modules() if "norm" in type(m).__name__.lower()
+                for p in m.parameters(recurse=False)
+            )  # fmt: skip
+        return {"config": config.to_dict(), "blocks": blocks, "trainable_params": trainable}
+
+    def artifacts(self, report: dict) -> dict[str, bytes]:
+        """ebft.json, the loss-curve PNG and the per-block table."""
+        blocks, config = report.get("blocks", []), report.get("config", {})
+        return {
+            "ebft.json": json.dumps({"config": config, "blocks": blocks}, indent=2).encode(),
+            "ebft.png": ebft_plot_png(blocks),
+            "report.md": self.markdown(report).encode(),
+        }
+
+    def markdown(self, report: dict) -> str:
+        return ebft_markdown(report.get("blocks", []), report.get("config", {}))

@@ -15,22 +15,18 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from sparsefit.errors import UsageError, check
+from sparsefit.errors import check
 from sparsefit.models.adapters import is_prunable
 from sparsefit.prune.report import sparsity_report
-from sparsefit.recover.base import RecoveryContext, RecoveryMethod
+from sparsefit.recover.base import ModelMethod, RecoveryContext
 from sparsefit.recover.training import (
     TrainConfig,
-    apply_masks,
     causal_lm_loss,
-    fit,
+    fit_model,
     loop_config,
-    make_config,
-    model_masks,
     plan_steps,
 )
-
-EVAL_CALLBACK = "eval_callback"
+from sparsefit.walk.masks import apply_masks, model_masks
 
 
 @dataclass
@@ -68,38 +64,35 @@ def target_layers(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
     return [name for name, module in model.named_modules() if is_prunable(module) and name.split(".")[-1] in targets]
 
 
-class LoRA(RecoveryMethod):
+def split_names(options: dict, key: str) -> dict:
+    """``"q_proj,v_proj"`` (a command line) or a list (a recipe) -> a tuple of names."""
+    if isinstance(options.get(key), str):
+        options[key] = tuple(t.strip() for t in options[key].split(",") if t.strip())
+    elif options.get(key) is not None:
+        options[key] = tuple(options[key])
+    return options
+
+
+class LoRA(ModelMethod):
     name = "lora"
     trains = True
+    presets = PRESETS
 
-    def configure(self, options: dict, n_windows: int | None = None) -> LoRAConfig:
-        options = {k: v for k, v in options.items() if k != EVAL_CALLBACK}
-        if isinstance(options.get("targets"), str):
-            options["targets"] = tuple(t.strip() for t in options["targets"].split(",") if t.strip())
-        elif options.get("targets") is not None:
-            options["targets"] = tuple(options["targets"])
-        config = make_config(self.name, PRESETS, options, default="cpu")
-        config.validate(n_windows=n_windows)
-        return config
+    def normalize(self, options: dict) -> dict:
+        return split_names(options, "targets")
 
-    def check_model(self, model: nn.Module, options: dict) -> str | None:
+    def check_model(self, model: nn.Module, config: LoRAConfig) -> str | None:
         """None when the configured targets exist in ``model``, else why not."""
-        config = self.configure(options)
         if not target_layers(model, config.targets):
             return (f"lora targets {', '.join(config.targets)} match no linear layer of this "
                     f"{model.config.model_type} model; set targets to its attention projections")  # fmt: skip
         return None
 
-    def run(self, ctx: RecoveryContext) -> dict:
+    def fit(self, ctx: RecoveryContext, config: LoRAConfig) -> dict:
         from peft import LoraConfig, get_peft_model
 
         n_windows, seqlen = ctx.calib_ids.shape
-        config = self.configure({"seed": ctx.seed, **ctx.options}, n_windows)
-        evaluate = ctx.options.get(EVAL_CALLBACK)
         model = ctx.model
-        reason = self.check_model(model, {k: v for k, v in ctx.options.items() if k != EVAL_CALLBACK})
-        if reason:
-            raise UsageError(reason)
         masks = model_masks(model)
         flags = [(p, p.requires_grad) for p in model.parameters()]
         steps = plan_steps(ctx.budget_tokens, n_windows, seqlen, config.batch_size, config.epochs)
@@ -118,15 +111,15 @@ class LoRA(RecoveryMethod):
             peft_model.to(ctx.device)
             params = [p for p in peft_model.parameters() if p.requires_grad]
             report["trainable_params"] = sum(p.numel() for p in params)
-            log = fit(
-                peft_model, params, lambda ids: causal_lm_loss(peft_model, ids), ctx.calib_ids, config,
-                steps=steps, device=ctx.device,
-            )  # fmt: skip
-            report["fit"] = log.to_dict()
+            with ctx.progress(self.name, steps) as update:
+                report["fit"] = fit_model(
+                    peft_model, params, lambda ids: causal_lm_loss(peft_model, ids), ctx.calib_ids, config,
+                    steps=steps, device=ctx.device, progress=update,
+                )  # fmt: skip
             peft_model.eval()
-            if evaluate is not None:
+            if ctx.evaluate is not None:
                 # The adapter as trained (dense low-rank update beside the sparse weights), before merging.
-                report["unmerged"] = evaluate(peft_model)
+                report["unmerged"] = ctx.evaluate(peft_model)
             peft_model.merge_and_unload()
             merged = True
         finally:

@@ -27,14 +27,15 @@ from torch import nn
 
 from sparsefit.errors import UsageError, check
 from sparsefit.models.adapters import get_adapter, weight_matrix
-from sparsefit.recover.base import RecoveryContext, RecoveryMethod
+from sparsefit.recover.base import ModelMethod, RecoveryContext
+from sparsefit.recover.lora import split_names
+from sparsefit.recover.squarehead import SquareHeadConfig, squarehead_step_loss
 from sparsefit.recover.training import (
     TrainConfig,
     causal_lm_loss,
-    fit,
+    fit_model,
     frozen,
     loop_config,
-    make_config,
     plan_steps,
 )
 
@@ -275,38 +276,29 @@ def attach(model: nn.Module, config: S2FTConfig, seed: int, teacher: nn.Module |
     return S2Adapter(deltas, selection)
 
 
-class S2FT(RecoveryMethod):
+class S2FT(ModelMethod):
     name = "s2ft"
     trains = True
+    presets = PRESETS
 
-    def configure(self, options: dict, n_windows: int | None = None) -> S2FTConfig:
-        options = dict(options)
-        if isinstance(options.get("targets"), str):
-            options["targets"] = tuple(t.strip() for t in options["targets"].split(",") if t.strip())
-        elif options.get("targets") is not None:
-            options["targets"] = tuple(options["targets"])
-        config = make_config(self.name, PRESETS, options, default="cpu")
-        config.validate(n_windows=n_windows)
-        return config
+    def normalize(self, options: dict) -> dict:
+        return split_names(options, "targets")
 
-    def check_model(self, model: nn.Module, options: dict) -> str | None:
+    def check_model(self, model: nn.Module, config: S2FTConfig) -> str | None:
         try:
             llama_geometry(model)
         except UsageError as exc:
             return str(exc)
         return None
 
-    def run(self, ctx: RecoveryContext) -> dict:
+    def fit(self, ctx: RecoveryContext, config: S2FTConfig) -> dict:
         n_windows, seqlen = ctx.calib_ids.shape
-        config = self.configure({"seed": ctx.seed, **ctx.options}, n_windows)
         model, teacher = ctx.model, ctx.teacher
         steps = plan_steps(ctx.budget_tokens, n_windows, seqlen, config.batch_size, config.epochs)
         model.to(ctx.device)  # first: the deltas are created beside the weights they belong to
         s2 = attach(model, config, config.seed, teacher if config.select == "score" else None)
         check(s2.deltas != {}, "s2ft chose nothing to train; raise heads or channels")
         if config.loss == "squarehead":
-            from sparsefit.recover.squarehead import SquareHeadConfig, squarehead_step_loss
-
             distill = SquareHeadConfig()
 
             def loss_fn(ids):
@@ -319,8 +311,9 @@ class S2FT(RecoveryMethod):
         if config.loss == "squarehead":
             teacher.to(ctx.device)
         try:
-            with frozen(model, teacher):
-                log = fit(model, s2.parameters(), loss_fn, ctx.calib_ids, config, steps=steps, device=ctx.device)
+            with frozen(model, teacher), ctx.progress(self.name, steps) as update:
+                log = fit_model(model, s2.parameters(), loss_fn, ctx.calib_ids, config, steps=steps, device=ctx.device,
+                                progress=update)  # fmt: skip
             s2.fuse()
         finally:
             s2.remove()
@@ -329,7 +322,7 @@ class S2FT(RecoveryMethod):
         return {
             "config": config.to_dict(),
             "selection": s2.selection,
-            "fit": log.to_dict(),
+            "fit": log,
             "adapter_params": sum(d.delta.numel() for d in s2.deltas.values()),
             "trainable_params": s2.trainable,
             "fused": True,

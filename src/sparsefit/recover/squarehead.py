@@ -20,19 +20,9 @@ import torch
 from torch import nn
 
 from sparsefit.errors import check
-from sparsefit.recover.base import RecoveryContext, RecoveryMethod
-from sparsefit.recover.training import (
-    TrainConfig,
-    apply_masks,
-    fit,
-    frozen,
-    loop_config,
-    make_config,
-    model_layers,
-    model_masks,
-    plan_steps,
-    pruned_count,
-)
+from sparsefit.recover.base import ModelMethod, RecoveryContext
+from sparsefit.recover.training import TrainConfig, fit_model, frozen, loop_config, plan_steps
+from sparsefit.walk.masks import apply_masks, model_layers, model_masks, pruned_count
 
 # The paper's range: lr rises with sparsity from 3e-5 (50 %) to 1e-4 (80 % and beyond); linear in between.
 PAPER_LR = ((0.5, 3e-5), (0.8, 1e-4))
@@ -120,18 +110,13 @@ def squarehead_step_loss(
     return config.ce_weight * out.loss.float() + config.distill_weight * distill
 
 
-class SquareHead(RecoveryMethod):
+class SquareHead(ModelMethod):
     name = "squarehead"
     trains = True
+    presets = PRESETS
 
-    def configure(self, options: dict, n_windows: int | None = None) -> SquareHeadConfig:
-        config = make_config(self.name, PRESETS, options, default="cpu")
-        config.validate(n_windows=n_windows)
-        return config
-
-    def run(self, ctx: RecoveryContext) -> dict:
+    def fit(self, ctx: RecoveryContext, config: SquareHeadConfig) -> dict:
         n_windows, seqlen = ctx.calib_ids.shape
-        config = self.configure({"seed": ctx.seed, **ctx.options}, n_windows)
         student, teacher = ctx.model, ctx.teacher
         masks = model_masks(student)
         total = sum(keep.numel() for keep in masks.values())
@@ -152,12 +137,13 @@ class SquareHead(RecoveryMethod):
                         if module is not None:
                             module.weight.requires_grad_(False)
                 params = [p for p in student.parameters() if p.requires_grad]
-                log = fit(
-                    student, params,
-                    lambda ids: squarehead_step_loss(student, teacher, ids, config),
-                    ctx.calib_ids, train, steps=steps, device=ctx.device,
-                    after_step=lambda: apply_masks(student, masks),
-                )  # fmt: skip
+                with ctx.progress(self.name, steps) as update:
+                    log = fit_model(
+                        student, params,
+                        lambda ids: squarehead_step_loss(student, teacher, ids, config),
+                        ctx.calib_ids, train, steps=steps, device=ctx.device,
+                        after_step=lambda: apply_masks(student, masks), progress=update,
+                    )  # fmt: skip
         finally:
             for param, flag in flags:
                 param.requires_grad_(flag)
@@ -172,6 +158,6 @@ class SquareHead(RecoveryMethod):
             "config": config.to_dict(),
             "lr": lr,
             "sparsity": sparsity,
-            "fit": log.to_dict(),
+            "fit": log,
             "trainable_params": trainable,
         }

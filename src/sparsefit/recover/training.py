@@ -1,8 +1,11 @@
-"""Shared pieces of the whole-model recovery methods (SquareHead, LoRA, S²FT): masks, token budgets, one loop.
+"""The one training loop: EBFT's block fits and the whole-model methods (SquareHead, LoRA, S²FT) all run here.
 
-Masks are read off the sparse model (a weight is kept when it is not exactly zero) and re-applied in place after
-every optimizer step, so a method that updates whole matrices can never leave a pruned weight nonzero. A token
-budget counts token passes through every block: one optimizer step over ``batch x seqlen`` tokens spends
+AdamW, a linear schedule (with an optional linear warm-up), gradient clipping, seeded shuffling of the windows
+(every epoch a fresh permutation from one generator), an optional held-out loss after each epoch with early
+stopping that restores the best epoch, and a progress callback per step. What a method trains and what loss it
+minimises are its own; the loop only sees ``loss_of(window_indices)``.
+
+A token budget counts token passes through every block: one optimizer step over ``batch x seqlen`` tokens spends
 ``batch x seqlen`` of it, the same unit EBFT spends per block, so ``--budget`` makes the methods comparable.
 """
 
@@ -19,80 +22,72 @@ import torch
 from torch import nn
 
 from sparsefit.errors import UsageError, check
-from sparsefit.models.adapters import get_adapter, prunable_layers, weight_matrix
-
-Masks = dict[str, torch.Tensor]  # qualified layer name ("model.layers.3.mlp.down_proj") -> bool keep (out, in)
-
-
-def model_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every prunable layer of the decoder blocks, by qualified name."""
-    adapter = get_adapter(model)
-    return {
-        f"{adapter.blocks}.{index}.{name}": layer
-        for index, block in enumerate(adapter.get_blocks(model))
-        for name, layer in prunable_layers(block).items()
-    }
-
-
-def model_masks(model: nn.Module) -> Masks:
-    """Keep masks read off a sparse model: a weight is kept when it is not exactly zero (one byte per weight)."""
-    return {name: weight_matrix(layer) != 0 for name, layer in model_layers(model).items()}
-
-
-@torch.no_grad()
-def apply_masks(model: nn.Module, masks: Masks) -> None:
-    """Zero every pruned weight in place (``masked_fill``: kept weights stay bit-identical)."""
-    for name, layer in model_layers(model).items():
-        weight = weight_matrix(layer)
-        weight.masked_fill_(~masks[name].to(weight.device), 0)
-
-
-def same_zeros(model: nn.Module, masks: Masks) -> bool:
-    """True when the model's zero positions are exactly the pruned positions of ``masks``."""
-    return all(torch.equal(weight_matrix(layer).cpu() != 0, masks[name].cpu())
-               for name, layer in model_layers(model).items())  # fmt: skip
-
-
-def pruned_count(masks: Masks) -> int:
-    return sum(int((~keep).sum()) for keep in masks.values())
+from sparsefit.progress import Update
 
 
 @dataclass
-class TrainConfig:
-    """The loop's hyper-parameters, shared by the whole-model methods (each sets its own defaults)."""
+class FitConfig:
+    """The loop's hyper-parameters; every method that trains extends this with its own fields and defaults."""
 
     lr: float = 1e-4
-    epochs: int = 4  # passes over the calibration windows when no token budget is given
+    epochs: int = 4  # passes over the training windows (a token budget, when given, sets the steps instead)
     batch_size: int = 2
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
     clip: float = 1.0
     warmup: float = 0.0  # share of the steps with a linear warm-up; then linear decay to zero
-    probe_windows: int = 8  # calibration windows on which the loss is measured before and after training
+    heldout: int = 0  # calibration windows kept out of training, for the held-out loss after each epoch
+    early_stop: int = 0  # stop after this many epochs without held-out improvement and keep the best (0: never)
     seed: int = 0
 
     def validate(self, name: str, n_windows: int | None = None) -> None:
-        check(self.lr > 0, f"{name} lr {self.lr} must be > 0")
-        check(self.epochs >= 1, f"{name} epochs {self.epochs} must be >= 1")
-        check(self.batch_size >= 1, f"{name} batch {self.batch_size} must be >= 1")
+        check(self.lr is not None and self.lr > 0, f"{name} lr {self.lr} must be > 0")
+        check(isinstance(self.epochs, int) and self.epochs >= 1, f"{name} epochs {self.epochs} must be >= 1")
+        check(isinstance(self.batch_size, int) and self.batch_size >= 1, f"{name} batch {self.batch_size} must be >= 1")
         check(self.weight_decay >= 0, f"{name} weight decay {self.weight_decay} must be >= 0")
         betas_ok = 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1
         check(betas_ok, f"{name} betas ({self.beta1}, {self.beta2}) must be in [0, 1)")
         check(self.clip > 0, f"{name} clip {self.clip} must be > 0")
         check(0 <= self.warmup < 1, f"{name} warmup {self.warmup} must be a share of the steps in [0, 1)")
-        check(self.probe_windows >= 0, f"{name} probe windows {self.probe_windows} must be >= 0")
+        heldout_ok = isinstance(self.heldout, int) and self.heldout >= 0
+        check(heldout_ok, f"{name} held-out windows {self.heldout} must be >= 0")
+        check(self.early_stop >= 0, f"{name} early stop patience {self.early_stop} must be >= 0")
+        check(self.early_stop == 0 or self.heldout > 0, f"{name} early stop needs held-out windows; set heldout > 0")
         if n_windows is not None:
+            train = n_windows - self.heldout
+            check(train >= 1, f"{name} held-out windows {self.heldout} leave no training window out of {n_windows}")
             check(
-                self.batch_size <= n_windows,
-                f"{name} batch {self.batch_size} is larger than the {n_windows} calibration windows; "
+                self.batch_size <= train,
+                f"{name} batch {self.batch_size} is larger than the {train} training windows; "
                 "lower the batch or add calibration samples",
             )
 
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
-def loop_config(config: TrainConfig, **overrides: Any) -> TrainConfig:
-    """The shared loop's part of a method's config (a subclass of :class:`TrainConfig`), with ``overrides``."""
-    return TrainConfig(**{**{f.name: getattr(config, f.name) for f in fields(TrainConfig)}, **overrides})
+
+def make_config(method: str, presets: dict[str, Any], options: dict, default: str) -> Any:
+    """The preset named by ``options["preset"]`` (else ``default``) with the other options as overrides.
+
+    Unknown option names fail with one line listing the accepted ones, before any work. None keeps the
+    preset's value (an option the user did not give).
+    """
+    options = dict(options)
+    name = options.pop("preset", None) or default
+    if name not in presets:
+        raise UsageError(f"{method} preset {name!r} is not known; choose one of {', '.join(presets)}")
+    base = presets[name]
+    accepted = [f.name for f in fields(base)]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise UsageError(
+            f"{method} does not accept option(s) {', '.join(unknown)}; accepted: preset, {', '.join(accepted)}"
+        )
+    try:
+        return replace(base, **{k: v for k, v in options.items() if v is not None})
+    except TypeError as exc:
+        raise UsageError(f"{method} options {options!r} are not valid ({exc})") from None
 
 
 def plan_steps(budget_tokens: int | None, n_windows: int, seqlen: int, batch_size: int, epochs: int) -> int:
@@ -125,21 +120,134 @@ def lr_factor(step: int, total: int, warmup_steps: int) -> float:
 
 @dataclass
 class FitLog:
-    """What one training run did."""
+    """What one run of the loop did."""
 
     steps: int = 0
-    tokens: int = 0  # token passes spent (the budget's unit)
+    windows: int = 0  # windows passed through the model while training
     time_s: float = 0.0
-    tokens_per_s: float = 0.0
-    initial_loss: float | None = None  # on the probe windows, eval mode (no dropout), before training
-    final_loss: float | None = None  # the same, after
-    curve: list[float] = field(default_factory=list)  # mean training loss per epoch-sized chunk of steps
+    curve: list[float] = field(default_factory=list)  # mean training loss per epoch (weighted by windows)
+    heldout_curve: list[float] = field(default_factory=list)  # held-out loss after each epoch
+    epochs_run: int = 0
+    best_epoch: int | None = None  # with early stopping: the epoch whose state was kept (0: the initial state)
+    stopped_early: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def fit(
+def train_loop(
+    module: nn.Module,
+    params: Sequence[nn.Parameter],
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    n_train: int,
+    config: FitConfig,
+    *,
+    steps: int,
+    seed: int,
+    after_step: Callable[[], None] | None = None,
+    heldout_loss: Callable[[], float] | None = None,
+    initial_heldout: float | None = None,
+    progress: Update | None = None,
+) -> FitLog:
+    """AdamW on ``params`` minimising ``loss_of(indices of a batch of training windows)`` for ``steps`` steps.
+
+    ``module`` is switched to train mode for each epoch (the held-out evaluation may switch it to eval).
+    ``heldout_loss()`` runs after every epoch; with ``config.early_stop`` the loop stops after that many epochs
+    without improvement on ``initial_heldout`` or the best epoch, and restores the best state of ``module``.
+    Everything random derives from ``seed``: the shuffling generator and the global generator (dropout).
+    """
+    optimizer = torch.optim.AdamW(
+        params, lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
+    )
+    warmup_steps = int(config.warmup * steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, warmup_steps))
+    per_epoch = max(1, math.ceil(n_train / config.batch_size))
+    torch.manual_seed(seed)  # dropout (LoRA) draws from the global generator
+    log = FitLog()
+    best, best_state, stale = initial_heldout, None, 0
+    running, in_epoch = 0.0, 0
+    began = time.perf_counter()
+    try:
+        for step, index in enumerate(batch_order(n_train, config.batch_size, steps, seed)):
+            if step % per_epoch == 0:
+                module.train()
+            loss = loss_of(index)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.clip)
+            optimizer.step()
+            scheduler.step()
+            if after_step is not None:
+                after_step()
+            log.steps += 1
+            log.windows += index.numel()
+            running += loss.item() * index.numel()
+            in_epoch += index.numel()
+            epoch_done = (step + 1) % per_epoch == 0 or step + 1 == steps
+            if progress is not None:
+                progress(done=step + 1, note=f"loss {loss.item():.4g}")
+            if not epoch_done:
+                continue
+            log.curve.append(running / in_epoch)
+            running, in_epoch = 0.0, 0
+            log.epochs_run += 1
+            if heldout_loss is None:
+                continue
+            held = heldout_loss()
+            log.heldout_curve.append(held)
+            if config.early_stop:
+                if best is None or held < best:
+                    best, stale, log.best_epoch = held, 0, log.epochs_run
+                    best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+                else:
+                    stale += 1
+                    if stale >= config.early_stop:
+                        log.stopped_early = True
+                        break
+    finally:
+        module.eval()
+        optimizer.zero_grad(set_to_none=True)
+    if best_state is not None and log.heldout_curve and log.heldout_curve[-1] > best:
+        module.load_state_dict(best_state)  # early stop: keep the best held-out epoch
+    elif config.early_stop and best_state is None and log.heldout_curve:
+        log.best_epoch = 0  # no epoch beat the initial state; it is what remains only if nothing trained
+    log.time_s = time.perf_counter() - began
+    return log
+
+
+@torch.no_grad()
+def mean_loss(module: nn.Module, loss_of: Callable[[torch.Tensor], torch.Tensor], n: int, batch: int,
+              offset: int = 0) -> float | None:  # fmt: skip
+    """Mean of ``loss_of(indices)`` over windows ``offset .. offset + n`` in eval mode (None if n = 0)."""
+    if n == 0:
+        return None
+    was_training = module.training
+    module.eval()
+    total = 0.0
+    for start in range(0, n, batch):
+        index = torch.arange(offset + start, offset + min(start + batch, n))
+        total += float(loss_of(index)) * index.numel()
+    module.train(was_training)
+    return total / n
+
+
+@dataclass
+class TrainConfig(FitConfig):
+    """The whole-model methods' loop settings: :class:`FitConfig` plus the windows probed before and after."""
+
+    probe_windows: int = 8  # calibration windows on which the loss is measured before and after training
+
+    def validate(self, name: str, n_windows: int | None = None) -> None:
+        super().validate(name, n_windows)
+        check(self.probe_windows >= 0, f"{name} probe windows {self.probe_windows} must be >= 0")
+
+
+def loop_config(config: FitConfig, **overrides: Any) -> TrainConfig:
+    """The shared loop's part of a method's config, with ``overrides``."""
+    return TrainConfig(**{**{f.name: getattr(config, f.name) for f in fields(TrainConfig)}, **overrides})
+
+
+def fit_model(
     model: nn.Module,
     params: Sequence[nn.Parameter],
     loss_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -150,68 +258,34 @@ def fit(
     device: torch.device,
     after_step: Callable[[], None] | None = None,
     probe_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> FitLog:
-    """AdamW on ``params`` minimising ``loss_fn(batch_ids)`` for ``steps`` steps; ``after_step`` runs after each.
+    progress: Update | None = None,
+) -> dict:
+    """Train a whole model: ``loss_fn(batch_ids)`` on the calibration windows (the last ``heldout`` held out).
 
     ``probe_fn`` (default ``loss_fn``) measures the loss on the first ``probe_windows`` windows in eval mode
-    before and after, the number a test (and a user) checks to see that training did something.
+    before and after: the number a test (and a user) checks to see that training did something.
     """
     n_windows, seqlen = calib_ids.shape
+    n_train = n_windows - config.heldout
     probe_fn = probe_fn or loss_fn
-    probe = calib_ids[: min(config.probe_windows, n_windows)]
-    log = FitLog()
 
-    def measure() -> float | None:
-        if probe.shape[0] == 0:
-            return None
-        was_training = model.training
-        model.eval()
-        total = 0.0
-        with torch.no_grad():
-            for start in range(0, probe.shape[0], config.batch_size):
-                batch = probe[start : start + config.batch_size]
-                total += float(probe_fn(batch.to(device))) * batch.shape[0]
-        model.train(was_training)
-        return total / probe.shape[0]
+    def on_windows(fn):
+        return lambda index: fn(calib_ids[index].to(device))
 
-    log.initial_loss = measure()
-    optimizer = torch.optim.AdamW(
-        params, lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
-    )
-    warmup_steps = int(config.warmup * steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, warmup_steps))
-    chunk = max(1, math.ceil(n_windows / config.batch_size))  # one epoch of steps per curve point
-    running, in_chunk = 0.0, 0
-    torch.manual_seed(config.seed)  # dropout (LoRA) draws from the global generator
-    began = time.perf_counter()
-    model.train()
-    try:
-        for index in batch_order(n_windows, config.batch_size, steps, config.seed):
-            batch = calib_ids[index].to(device)
-            loss = loss_fn(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.clip)
-            optimizer.step()
-            scheduler.step()
-            if after_step is not None:
-                after_step()
-            log.steps += 1
-            log.tokens += batch.numel()
-            running += float(loss.detach())
-            in_chunk += 1
-            if in_chunk == chunk:
-                log.curve.append(running / in_chunk)
-                running, in_chunk = 0.0, 0
-        if in_chunk:
-            log.curve.append(running / in_chunk)
-    finally:
-        model.eval()
-        optimizer.zero_grad(set_to_none=True)
-    log.time_s = time.perf_counter() - began
-    log.tokens_per_s = log.tokens / log.time_s if log.time_s else 0.0
-    log.final_loss = measure()
-    return log
+    probe = min(config.probe_windows, n_windows)
+    initial = mean_loss(model, on_windows(probe_fn), probe, config.batch_size)
+    held = (lambda: mean_loss(model, on_windows(probe_fn), config.heldout, config.batch_size, n_train)) \
+        if config.heldout else None  # fmt: skip
+    log = train_loop(
+        model, params, on_windows(loss_fn), n_train, config, steps=steps, seed=config.seed, after_step=after_step,
+        heldout_loss=held, initial_heldout=held() if held else None, progress=progress,
+    )  # fmt: skip
+    result = log.to_dict()
+    result["tokens"] = log.windows * seqlen
+    result["tokens_per_s"] = result["tokens"] / log.time_s if log.time_s else 0.0
+    result["initial_loss"] = initial
+    result["final_loss"] = mean_loss(model, on_windows(probe_fn), probe, config.batch_size)
+    return result
 
 
 def causal_lm_loss(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -231,22 +305,3 @@ def frozen(*models: nn.Module) -> Iterator[None]:
     finally:
         for param, flag in flags:
             param.requires_grad_(flag)
-
-
-def make_config(method: str, presets: dict[str, Any], options: dict, default: str) -> Any:
-    """The preset named by ``options["preset"]`` (else ``default``) with the other options as overrides.
-
-    Unknown option names fail with one line listing the accepted ones, before any work.
-    """
-    options = dict(options)
-    name = options.pop("preset", default)
-    if name not in presets:
-        raise UsageError(f"{method} preset {name!r} is not known; choose one of {', '.join(presets)}")
-    base = presets[name]
-    accepted = [f.name for f in fields(base)]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise UsageError(
-            f"{method} does not accept option(s) {', '.join(unknown)}; accepted: preset, {', '.join(accepted)}"
-        )
-    return replace(base, **{k: v for k, v in options.items() if v is not None})

@@ -9,22 +9,15 @@ last, so a run killed at any moment resumes from the last block that was fully s
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from sparsefit.atomic import save_tensors_atomically, write_file_atomically
 from sparsefit.errors import UsageError
-from sparsefit.export.run_folder import write_file_atomically
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
 
 
 class BlockCheckpoint:
@@ -65,11 +58,12 @@ class BlockCheckpoint:
             state = load_file(str(self.folder / f"block_{index}.safetensors"))
             blocks[index].load_state_dict(state, strict=True)
 
-    def save(self, index: int, block: nn.Module, carry: dict[str, torch.Tensor], reports: list[dict]) -> None:
-        state = {k: v.detach().cpu() for k, v in block.state_dict().items()}
-        _atomic_save(state, self.folder / f"block_{index}.safetensors")
-        _atomic_save({k: v.detach().cpu() for k, v in carry.items()}, self.folder / "carry.safetensors")
-        progress = {"next_block": index + 1, "reports": reports, "fingerprint": self.fingerprint}
+    def save(
+        self, index: int, block: nn.Module, carry: dict[str, torch.Tensor], reports: list[dict], total: int
+    ) -> None:
+        save_tensors_atomically(block.state_dict(), self.folder / f"block_{index}.safetensors")
+        save_tensors_atomically(carry, self.folder / "carry.safetensors")
+        progress = {"next_block": index + 1, "blocks_total": total, "reports": reports, "fingerprint": self.fingerprint}
         write_file_atomically(self.folder / "progress.json", json.dumps(progress, indent=2))
 
     def clear(self) -> None:

@@ -3,7 +3,8 @@
 For each decoder block in order: load it onto the device, run the steps (collect statistics and
 prune, then recover), propagate the block's outputs as the next block's inputs, store it back.
 Only one block is on the device at a time; activations stay on the CPU. Methods never walk the
-model themselves: a step receives one :class:`BlockContext`.
+model themselves: a step receives one :class:`BlockContext`. :func:`sparsefit.walk.driver.run_blocks`
+adds capture, checkpoints, resume and progress around this loop.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ import torch
 from torch import nn
 
 from sparsefit.models.adapters import Adapter
-from sparsefit.pipeline.capture import to_device
+from sparsefit.walk.device import to_device
+
+
+def _no_note(_text: str) -> None:
+    return None
 
 
 @dataclass
@@ -30,28 +35,54 @@ class BlockContext:
     kwargs: dict  # masks, rotary tables, position ids: batch 1, on ``device``
     device: torch.device
     batch_size: int
-    dense_outputs: torch.Tensor | None = None  # block(inputs) before pruning, set by the prune step
+    dense_outputs: torch.Tensor | None = None  # the reconstruction target, set by a target or prune step
+    teacher_block: nn.Module | None = None  # the dense version of this block, on ``device``, when a step needs it
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # layer name in block -> keep mask
     report: dict = field(default_factory=dict)
+    note: Callable[[str], None] = _no_note  # a short progress note (current loss, swaps) for the block's bar
+    summary: str = ""  # the note that stays on the bar once the block is done
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """The block on a batch already on the device (with autograd if enabled by the caller)."""
-        out = self.block(hidden, **self.kwargs)
-        return out[0] if isinstance(out, tuple) else out
+        return call_block(self.block, hidden, self.kwargs)
 
     @torch.no_grad()
-    def run_all(self, inputs: torch.Tensor | None = None) -> torch.Tensor:
-        """The block on every window, batched; returns a CPU tensor shaped and typed like the inputs."""
+    def run_all(self, inputs: torch.Tensor | None = None, block: nn.Module | None = None) -> torch.Tensor:
+        """``block`` (default: this block) on every window, batched; a CPU tensor shaped and typed like the inputs."""
         inputs = self.inputs if inputs is None else inputs
+        block = self.block if block is None else block
         outputs = torch.empty_like(inputs)
-        param_dtype = next(self.block.parameters()).dtype
+        param_dtype = next(block.parameters()).dtype
         for start in range(0, inputs.shape[0], self.batch_size):
             batch = inputs[start : start + self.batch_size].to(self.device, param_dtype)
-            outputs[start : start + self.batch_size] = self.forward(batch).to("cpu", inputs.dtype)
+            outputs[start : start + self.batch_size] = call_block(block, batch, self.kwargs).to("cpu", inputs.dtype)
         return outputs
 
 
-BlockStep = Callable[[BlockContext], None]
+def call_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+class BlockStep:
+    """One step of the walk, called with each block's :class:`BlockContext`.
+
+    A step that carries activations from block to block (the dense path's inputs) returns them from
+    :meth:`carry` after each block and gets them back in :meth:`restore` when a walk resumes, so that
+    ``--resume`` continues bit-identically. Plain functions ``f(ctx)`` are steps too.
+    """
+
+    def __call__(self, ctx: BlockContext) -> None:
+        raise NotImplementedError
+
+    def carry(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def restore(self, carry: dict[str, torch.Tensor], first_inputs: torch.Tensor) -> None:
+        """``carry`` as saved after the last finished block (empty on a fresh walk); ``first_inputs``: block 0's."""
+
+
+Step = BlockStep | Callable[[BlockContext], None]
 
 
 def walk_blocks(
@@ -59,44 +90,44 @@ def walk_blocks(
     adapter: Adapter,
     inputs: torch.Tensor,
     block_kwargs: list[dict],
-    steps: Sequence[BlockStep],
+    steps: Sequence[Step],
     *,
     device: torch.device | str = "cpu",
     batch_size: int = 8,
     start: int = 0,
     on_block_done: Callable[[BlockContext, torch.Tensor], None] | None = None,
-    progress: Callable[[int, str], None] | None = None,
+    note: Callable[[str], None] = _no_note,
 ) -> torch.Tensor:
     """Run ``steps`` on every block from ``start``; return the last block's outputs (CPU).
 
     ``on_block_done(ctx, outputs)`` is called after each block is finished and back on the CPU: the
-    place to checkpoint. ``progress(index, name)`` is called before each block.
+    place to checkpoint. ``note(text)`` receives the steps' progress notes.
     """
     device = torch.device(device)
     blocks = adapter.get_blocks(model)
     for index in range(start, len(blocks)):
         block = blocks[index]
-        name = f"{adapter.blocks}.{index}"
-        if progress:
-            progress(index, name)
         began = time.perf_counter()
         block.to(device)
         ctx = BlockContext(
             index=index,
-            name=name,
+            name=f"{adapter.blocks}.{index}",
             block=block,
             inputs=inputs,
             kwargs=to_device(block_kwargs[index], device),
             device=device,
             batch_size=batch_size,
+            note=note,
         )
         for step in steps:
             step(ctx)
         block.eval()
         outputs = ctx.run_all()
         block.to("cpu")
+        if ctx.teacher_block is not None:
+            ctx.teacher_block.to("cpu")
         ctx.report["time_s"] = time.perf_counter() - began
-        ctx.dense_outputs = None
+        ctx.dense_outputs = ctx.teacher_block = None
         if on_block_done:
             on_block_done(ctx, outputs)
         inputs = outputs

@@ -1,22 +1,10 @@
-"""Reports: per-block recovery tables (Markdown) and plots (PNG bytes, drawn without a display)."""
+"""EBFT's run-folder report: the per-block table (Markdown) and loss curves (PNG bytes, drawn without a display)."""
 
 from __future__ import annotations
 
 import io
 
-
-def _fmt(value, digits: int = 4) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
-
-
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    lines += ["| " + " | ".join(_fmt(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+from sparsefit.text import markdown_table
 
 
 def ebft_markdown(blocks: list[dict], config: dict) -> str:

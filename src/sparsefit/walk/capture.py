@@ -15,25 +15,13 @@ import torch
 from torch import nn
 
 from sparsefit.models.adapters import Adapter
+from sparsefit.walk.device import move_non_block_modules, to_device
 
 _DROPPED_KWARGS = ("past_key_values", "layer_past", "use_cache", "output_attentions", "cache_position")
 
 
 class _StopForward(Exception):
     pass
-
-
-def to_device(value, device: torch.device | str):
-    """Move tensors (also inside tuples, lists and dicts) to ``device``."""
-    if torch.is_tensor(value):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(to_device(v, device) for v in value)
-    if isinstance(value, list):
-        return [to_device(v, device) for v in value]
-    if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
-    return value
 
 
 def _hidden_name(block: nn.Module) -> str:
@@ -52,19 +40,6 @@ def _named_call(block: nn.Module, args: tuple, kwargs: dict) -> dict:
     for key in _DROPPED_KWARGS:
         named.pop(key, None)
     return {k: v for k, v in named.items() if v is not None}
-
-
-def move_non_block_modules(model: nn.Module, adapter: Adapter, device: torch.device | str) -> None:
-    """Move embeddings, norms, rotary tables and the head to ``device``; the decoder blocks stay put."""
-    blocks = adapter.get_blocks(model)
-    inside = {id(m) for m in blocks.modules()}
-    for module in model.modules():
-        if id(module) in inside:
-            continue
-        for _name, param in module.named_parameters(recurse=False):
-            param.data = param.data.to(device)
-        for name, buf in list(module.named_buffers(recurse=False)):
-            module._buffers[name] = buf.to(device)
 
 
 @torch.no_grad()

@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sparsefit.models.adapters import prunable_layers
-from sparsefit.pipeline.hooks import layer_inputs
-from sparsefit.pipeline.walker import BlockContext
-from sparsefit.prune import Pattern, make_pruner
+from sparsefit.prune.pattern import Pattern
+from sparsefit.prune.registry import make_pruner
+from sparsefit.walk.hooks import layer_inputs
+from sparsefit.walk.walker import BlockContext, BlockStep
 
 
 @dataclass
-class PruneStep:
+class PruneStep(BlockStep):
     """Prune every linear layer of a block with ``method`` from one statistics pass over its inputs.
 
     The same pass yields the dense block's outputs on the (sparse model's) inputs: the target a
@@ -42,3 +43,4 @@ class PruneStep:
             ctx.masks[name] = pruner.prune(self.sparsity, self.pattern)
             pruner.free()
         ctx.report["pruned_layers"] = len(pruners)
+        ctx.note(f"pruned {len(pruners)} layers")

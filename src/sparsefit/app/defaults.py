@@ -1,0 +1,32 @@
+"""The one home of sparsefit's defaults: the CLI's options, recipes and ``compare`` all read them from here.
+
+Each recovery method's presets live in its own file (``PRESETS``); the preset a method runs with when none
+is named is ``auto``: ``cpu`` on a CPU, ``paper`` on a GPU (``RecoveryMethod.preset_for``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from sparsefit.prune.run import PruneConfig
+
+# `sparsefit prune` / `recover`: Wanda 50 %, 128 x 512-token windows of the built-in `wiki` corpus.
+PRUNE = PruneConfig()
+# `sparsefit run` (make run) and `compare`: 32 x 256-token windows, so the whole job fits in minutes on 2 cores.
+QUICK = replace(PRUNE, nsamples=32, seqlen=256)
+
+RECOVER_METHOD = "ebft"
+PRESET = "auto"
+
+EVAL_CORPORA = ("wiki", "books")
+EVAL_SEQLEN = 1024
+RUN_EVAL_MAX_TOKENS = 4096  # `run`: the first 4,096 test tokens of each corpus
+COMPARE_EVAL_MAX_TOKENS = 8192
+
+COMPARE_METHODS = ("none", "dsnot", "ebft", "squarehead", "lora", "s2ft")
+COMPARE_EPOCHS = 4  # compare's default budget: this many passes over the calibration windows, for every method
+
+
+def calibration(config: PruneConfig) -> dict:
+    """The calibration part of a prune config, as recorded in run.json."""
+    return {"calib": config.calib, "nsamples": config.nsamples, "seqlen": config.seqlen, "seed": config.seed}

@@ -1,0 +1,166 @@
+"""`sparsefit run`: the main job from a recipe. Prune, recover with any method against the dense teacher on
+the same calibration windows, evaluate dense / pruned / recovered side by side, write a report.
+
+A recipe is YAML with the sections below; every key is optional and unknown keys are an error.
+
+    name: default
+    model: smollm2-135m
+    prune:   {method: wanda, sparsity: 0.5, pattern: unstructured, calib: wiki, nsamples: 32, seqlen: 256, seed: 0}
+    recover: {method: ebft, preset: cpu}   # any method of `sparsefit recover`; the other keys are its options;
+                                           # `recover: null` skips it
+    eval:    {ppl: [wiki, books], seqlen: 1024, max_tokens: 4096, tasks: [], limit: null}
+
+Every value, the recover options included, is checked before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from sparsefit.app import defaults
+from sparsefit.app.jobs import choose_method, evaluate_model, recovery_files, save_run, versions
+from sparsefit.app.reports import gap_closed_both, recipe_report
+from sparsefit.atomic import write_file_atomically
+from sparsefit.data import calibration_windows, get_corpus
+from sparsefit.errors import UsageError, check
+from sparsefit.models import load
+from sparsefit.progress import Bar, silent
+from sparsefit.prune import PruneConfig, check_pattern_fits, parse_pattern, prune_model, sparsity_summary
+from sparsefit.recover import RecoveryContext, get_method
+from sparsefit.walk import resolve_device
+
+DEFAULT_PRUNE = {"method": defaults.QUICK.method, "sparsity": defaults.QUICK.sparsity,
+                 "pattern": defaults.QUICK.pattern, **defaults.calibration(defaults.QUICK)}  # fmt: skip
+DEFAULT_RECOVER = {"method": defaults.RECOVER_METHOD, "preset": "cpu"}
+DEFAULT_EVAL = {"ppl": list(defaults.EVAL_CORPORA), "seqlen": defaults.EVAL_SEQLEN,
+                "max_tokens": defaults.RUN_EVAL_MAX_TOKENS, "tasks": [], "limit": None}  # fmt: skip
+
+
+@dataclass
+class Recipe:
+    name: str = "default"
+    model: str = "smollm2-135m"
+    device: str = "auto"
+    prune: dict = field(default_factory=lambda: dict(DEFAULT_PRUNE))
+    recover: dict | None = field(default_factory=lambda: dict(DEFAULT_RECOVER))
+    eval: dict = field(default_factory=lambda: dict(DEFAULT_EVAL))
+
+    @classmethod
+    def load(cls, path: Path | None) -> Recipe:
+        if path is None:
+            return cls()
+        import yaml
+
+        if not Path(path).is_file():
+            raise UsageError(f"recipe {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UsageError(f"recipe {str(path)!r} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        check(isinstance(data, dict), f"recipe {str(path)!r} must be a mapping of sections")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        check(not unknown, f"recipe key(s) {', '.join(unknown)} not known; use {', '.join(sorted(known))}")
+        recipe = cls()
+        for key, value in data.items():
+            if key in ("prune", "eval"):
+                check(isinstance(value, dict), f"recipe section {key!r} must be a mapping")
+                section_defaults = DEFAULT_PRUNE if key == "prune" else DEFAULT_EVAL
+                bad = sorted(set(value) - set(section_defaults))
+                check(not bad, f"recipe {key} key(s) {', '.join(bad)} not known; use {', '.join(section_defaults)}")
+                setattr(recipe, key, {**section_defaults, **value})
+            elif key == "recover":
+                check(value is None or isinstance(value, dict), "recipe section 'recover' must be a mapping or null")
+                if value is None:
+                    recipe.recover = None
+                else:
+                    # A recipe naming another method starts from that method's defaults, not EBFT's preset.
+                    base = DEFAULT_RECOVER if value.get("method", defaults.RECOVER_METHOD) == "ebft" else {}
+                    recipe.recover = {"method": defaults.RECOVER_METHOD, **base, **value}
+            else:
+                setattr(recipe, key, value)
+        return recipe
+
+    def recover_options(self) -> dict:
+        return {k: v for k, v in (self.recover or {}).items() if k != "method"}
+
+
+def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), overwrite: bool = True, progress: Bar = silent) -> dict:
+    """Run the whole job; returns the summary that report.md shows."""
+    config = PruneConfig(**recipe.prune, device=recipe.device)
+    config.validate()
+    evaluation = recipe.eval
+    for name in evaluation["ppl"]:
+        get_corpus(name)
+    device = resolve_device(recipe.device)
+    method = method_config = None
+    if recipe.recover is not None:
+        name = recipe.recover["method"]
+        options = recipe.recover_options()
+        if "seed" in get_method(name).accepted():
+            options.setdefault("seed", config.seed)
+        method, method_config = choose_method(name, options, config.nsamples, device)
+        reason = method.supports(parse_pattern(config.pattern))
+        check(reason is None, f"{method.name} cannot recover a {config.pattern} model: {reason}")
+    out = runs_root / recipe.name
+    timings: dict[str, float] = {}
+
+    began = time.perf_counter()
+    dense = load(recipe.model)
+    check_pattern_fits(dense.model, config.pattern)
+    if method is not None:
+        method.check(dense.model, method_config)
+    timings["load_s"] = time.perf_counter() - began
+
+    def evaluate(model) -> dict:
+        return evaluate_model(model, dense.tokenizer, ppl=evaluation["ppl"], seqlen=evaluation["seqlen"],
+                              max_tokens=evaluation["max_tokens"], tasks=evaluation["tasks"],
+                              limit=evaluation["limit"], device=device, progress=progress)  # fmt: skip
+
+    rows: dict[str, dict] = {}
+    t = time.perf_counter()
+    rows["dense"] = evaluate(dense.model)
+    timings["eval_dense_s"] = time.perf_counter() - t
+
+    calib = calibration_windows(dense.tokenizer, get_corpus(config.calib), config.nsamples, config.seqlen, config.seed)
+    sparse = copy.deepcopy(dense.model)
+    t = time.perf_counter()
+    prune_model(sparse, calib, config, progress=progress)
+    timings["prune_s"] = time.perf_counter() - t
+    sparsity = sparsity_summary(sparse, config.pattern)
+    rows["pruned"] = evaluate(sparse)
+    rows["pruned"]["sparsity"] = sparsity["overall"]
+    base_run = {"source_model": recipe.model, "config": config.to_dict(), "versions": versions()}
+    save_run(out / "pruned", sparse, dense.tokenizer, {**base_run, "command": "run", "results": rows["pruned"]},
+             sparsity, overwrite=overwrite)  # fmt: skip
+
+    report: dict = {}
+    if method is not None:
+        ctx = RecoveryContext(model=sparse, teacher=dense.model, tokenizer=dense.tokenizer, calib_ids=calib,
+                              pattern=parse_pattern(config.pattern), device=device, seed=config.seed,
+                              batch_size=config.batch_size, progress=progress)  # fmt: skip
+        t = time.perf_counter()
+        report = method.run(ctx, method_config)
+        timings["recover_s"] = time.perf_counter() - t
+        recovered_sparsity = sparsity_summary(sparse, config.pattern)
+        rows["recovered"] = evaluate(sparse)
+        rows["recovered"]["sparsity"] = recovered_sparsity["overall"]
+        recovery = {"method": method.name, **method_config.to_dict()}
+        save_run(out / "recovered", sparse, dense.tokenizer,
+                 {**base_run, "command": "run", "recovery": recovery, "results": rows["recovered"]},
+                 recovered_sparsity, overwrite=overwrite, extra_files=recovery_files(method, report))  # fmt: skip
+    timings["total_s"] = time.perf_counter() - began
+    summary = {"recipe": recipe.__dict__, "rows": rows, "timings": timings, "device": str(device)}
+    if "recovered" in rows:
+        summary["gap_closed"] = {
+            corpus: gap_closed_both(rows["dense"]["ppl"][corpus]["value"], rows["pruned"]["ppl"][corpus]["value"],
+                                    rows["recovered"]["ppl"][corpus]["value"])
+            for corpus in rows["dense"].get("ppl", {})
+        }  # fmt: skip
+    write_file_atomically(out / "report.md", recipe_report(summary, method.markdown(report) if method else None))
+    write_file_atomically(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    return summary

@@ -1,0 +1,50 @@
+"""Devices and moving tensors: the one place that turns a user's ``--device`` into a ``torch.device``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparsefit.errors import UsageError
+from sparsefit.models.adapters import Adapter
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``auto`` is cuda when present, else cpu."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"device {name!r} is not valid; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} asked for, but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def to_device(value, device: torch.device | str):
+    """Move tensors (also inside tuples, lists and dicts) to ``device``."""
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(to_device(v, device) for v in value)
+    if isinstance(value, list):
+        return [to_device(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def move_non_block_modules(model: nn.Module, adapter: Adapter, device: torch.device | str) -> None:
+    """Move embeddings, norms, rotary tables and the head to ``device``; the decoder blocks stay put."""
+    blocks = adapter.get_blocks(model)
+    inside = {id(m) for m in blocks.modules()}
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        for _name, param in module.named_parameters(recurse=False):
+            param.data = param.data.to(device)
+        for name, buf in list(module.named_buffers(recurse=False)):
+            module._buffers[name] = buf.to(device)

@@ -1,0 +1,92 @@
+"""Pinned outputs: every recovery path on a tiny random model with fixed seeds, as sha256 of the weights.
+
+Written before the redesign of issue 8 and kept after it: moving code must not change a single bit on the
+CPU. A deliberate change of behaviour updates the checksum here, with the reason in the commit message.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from sparsefit.prune import PruneConfig, parse_pattern, prune_model
+from sparsefit.recover import RecoveryContext, get_method
+from sparsefit.recover.ebft import EBFTStep
+
+IDS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(3))
+CPU = torch.device("cpu")
+
+EXPECTED = {
+    "ebft-interleaved": "12e4fad33b26702df8517cfbe15a55813f4a02701593e4b019c9b4ad52ac964f",
+    "ebft-two-step": "29c9e0630f201b03cc1c5a99a72e3512616defb3c6161e2a652fd6695051d27d",
+    "ebft-dense-path-early-stop": "2fdf1a5b089dce70841b5195dcec1b2666af8fbdc40e77216ce235ae1d7fbbfe",
+    "dsnot": "042957d7edfe444ba82bbdcf6a4e0c379bce27067e3cd1caaceb9090043c5ed4",
+    "squarehead": "ef0f30d3788ea1718ffbdbd96058cd12cb42c59d98b78f94f13c05a8324189b7",
+    "lora": "d1b074c94a3ad5904b2abeed725bc5719cec1b3d0800cd387da8f750e7690101",
+    "s2ft": "2fae20fc7a203f342c08580b47f2e787c83b998b2984b3f2eff65e6634e95a56",
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def checksum(model) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def prune_config() -> PruneConfig:
+    return PruneConfig(method="wanda", sparsity=0.6, device="cpu", nsamples=8, seqlen=32, batch_size=4)
+
+
+def pruned_pair():
+    dense = make_tiny_model("llama")
+    sparse = copy.deepcopy(dense)
+    prune_model(sparse, IDS, prune_config())
+    return dense, sparse
+
+
+def run_interleaved() -> str:
+    model = make_tiny_model("llama")
+    config = get_method("ebft").configure({"preset": "cpu", "epochs": 2, "batch_size": 2, "heldout": 2})
+    prune_model(model, IDS, prune_config(), recover_steps=[EBFTStep(config)], keep_dense_outputs=True)
+    return checksum(model)
+
+
+def run_method(name: str, **options) -> str:
+    dense, sparse = pruned_pair()
+    ctx = RecoveryContext(model=sparse, teacher=dense, tokenizer=None, calib_ids=IDS,
+                          pattern=parse_pattern("unstructured"), device=CPU, seed=0, batch_size=4,
+                          budget_tokens=None, options=options)  # fmt: skip
+    get_method(name).run(ctx)
+    return checksum(sparse)
+
+
+RUNS = {
+    "ebft-interleaved": run_interleaved,
+    "ebft-two-step": lambda: run_method("ebft", preset="cpu", epochs=2, batch_size=2, heldout=2),
+    "ebft-dense-path-early-stop": lambda: run_method(
+        "ebft", preset="cpu", epochs=3, batch_size=2, heldout=2, early_stop=1, target="dense-path", lr=5e-2
+    ),
+    "dsnot": lambda: run_method("dsnot", layers="all"),
+    "squarehead": lambda: run_method("squarehead", epochs=1, batch_size=2),
+    "lora": lambda: run_method("lora", epochs=1, batch_size=2),
+    "s2ft": lambda: run_method("s2ft", epochs=1, batch_size=2),
+}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_pinned_checksum(name):
+    assert RUNS[name]() == EXPECTED[name], f"{name} changed its weights"
