@@ -88,3 +88,12 @@ def tiny_checkpoint(tmp_path, byte_tokenizer):
     model.save_pretrained(path)
     byte_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP spinning costs 100x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

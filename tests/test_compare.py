@@ -65,7 +65,7 @@ def test_bad_method_lists_fail_with_one_line_before_any_work(tiny_checkpoint, co
             compare(tiny_checkpoint, corpus, out, methods=methods)
         assert "\n" not in str(info.value)
     monkeypatch.setattr(SquareHead, "supports", lambda self, pattern: "no N:M here")
-    with pytest.raises(UsageError, match="'squarehead' cannot run with pattern 2:4: no N:M here"):
+    with pytest.raises(UsageError, match="squarehead cannot recover a 2:4 model: no N:M here"):
         compare(tiny_checkpoint, corpus, out, methods="none,squarehead", pattern="2:4")
     with pytest.raises(UsageError, match="lora does not accept option"):
         compare(tiny_checkpoint, corpus, out, methods="lora", method_options={"lora": {"rank": 4}})

@@ -18,13 +18,7 @@ IDS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP spinning costs 100x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _PRUNED: dict = {}

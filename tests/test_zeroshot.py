@@ -47,7 +47,7 @@ def test_scorer_on_toy_task_with_known_loglikelihoods(byte_tokenizer, monkeypatc
     calls = []
     result = evaluate_tasks(model, byte_tokenizer, ["arc_easy"], batch_size=3, progress=lambda *a: calls.append(a))
     assert result == {"arc_easy": {"acc": 0.5, "acc_norm": 1.0, "n": 2}}
-    assert calls[-1] == ("arc_easy", 4, 4) and [c[1] for c in calls] == sorted(c[1] for c in calls)
+    assert calls[-1] == ("arc_easy", 2, 2) and [c[1] for c in calls] == sorted(c[1] for c in calls)  # documents
 
     requests = [(c, x) for d in docs for c, x in zip(d.contexts, d.continuations, strict=True)]
     lls = [ll for ll, _ in loglikelihoods(model, byte_tokenizer, requests)]

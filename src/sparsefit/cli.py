@@ -123,7 +123,7 @@ def prune(
     run = run_prune(
         model, config, out, dtype=dtype, overwrite=overwrite, eval_ppl=eval_ppl, eval_seqlen=eval_seqlen,
         eval_max_tokens=eval_max_tokens, trust_remote_code=trust_remote_code, recover=recover or None,
-        recover_options={"seed": seed, **options} if recover == "ebft" else options, resume=resume, progress=bar,
+        recover_options=options, resume=resume, progress=bar,
     )  # fmt: skip
     typer.echo(f"wrote {out} (sparsity {run['results']['sparsity']:.4f}, {run['timings']['prune_s']:.1f} s)")
 

@@ -12,9 +12,14 @@ def fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
+def cell(value, digits: int = 4) -> str:
+    """One table cell: strings as they are (a ``|`` escaped, on one line), anything else through :func:`fmt`."""
+    text = value if isinstance(value, str) else fmt(value, digits)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def markdown_table(header: list[str], rows: list[list], digits: int = 4) -> str:
-    """A Markdown table; cells that are not strings go through :func:`fmt`."""
+    """A Markdown table, one row per line, ending in a newline."""
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    lines += ["| " + " | ".join(cell if isinstance(cell, str) else fmt(cell, digits) for cell in row) + " |"
-              for row in rows]  # fmt: skip
+    lines += ["| " + " | ".join(cell(value, digits) for value in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"

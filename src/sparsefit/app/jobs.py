@@ -83,7 +83,7 @@ def evaluate_model(
     if task_names:
         results["tasks"] = {}
         for task in task_names:
-            with progress(f"zero-shot {task} (requests)", 0) as update:
+            with progress(f"zero-shot {task}", 0) as update:
                 results["tasks"].update(evaluate_tasks(
                     model, tokenizer, [task], limit=limit, device=device,
                     progress=lambda _task, done, total: update(done=done, total=total),
@@ -140,13 +140,33 @@ def recovery_files(method: RecoveryMethod, report: dict) -> dict[str, bytes]:
     return {"recovery.json": report_json(method.name, report), **method.artifacts(report)}
 
 
-def choose_method(name: str, options: dict, n_windows: int, device: torch.device, *, resume: bool = False):
-    """``(method, config)`` with every option checked, before any model is loaded."""
+def choose_method(
+    name: str, options: dict, n_windows: int, device: torch.device, *, pattern: str = "unstructured",
+    seed: int | None = None, resume: bool = False,
+) -> tuple[RecoveryMethod, object]:  # fmt: skip
+    """``(method, config)`` with every option checked, before any model is loaded.
+
+    ``seed`` is the run's seed, used when the method has one and the options do not set it.
+    """
     method = get_method(name)
+    options = dict(options)
+    if seed is not None and "seed" in method.accepted():
+        options.setdefault("seed", seed)
     config = method.configure(options, n_windows, device)
     if resume and not method.blockwise:
         raise UsageError(f"--resume continues block-wise methods; {name} trains the whole model, run it again")
+    reason = method.supports(parse_pattern(pattern))
+    check(reason is None, f"{name} cannot recover a {pattern} model: {reason}")
     return method, config
+
+
+def check_outputs(eval_ppl: str | list[str], out: Path, overwrite: bool) -> list[str]:
+    """The evaluation corpora (each name checked) and the output folder, before any work."""
+    corpora = parse_list(eval_ppl)
+    for name in corpora:
+        get_corpus(name)
+    check_output(out, overwrite)
+    return corpora
 
 
 def _evaluate_and_sparsity(model, tokenizer, pattern, corpora, seqlen, max_tokens, device, timings, progress):
@@ -188,13 +208,11 @@ def run_prune(
     device = resolve_device(config.device)
     method = method_config = None
     if recover:
-        method, method_config = choose_method(recover, recover_options or {}, config.nsamples, device)
+        method, method_config = choose_method(recover, recover_options or {}, config.nsamples, device,
+                                              pattern=config.pattern, seed=config.seed)  # fmt: skip
         check(method.blockwise, f"--recover {recover} trains the whole model, not block by block; prune first, "
                                 f"then use sparsefit recover --method {recover} (or a recipe)")  # fmt: skip
-    corpora = parse_list(eval_ppl)
-    for name in corpora:
-        get_corpus(name)
-    check_output(out, overwrite)
+    corpora = check_outputs(eval_ppl, out, overwrite)
     timings: dict[str, float] = {}
     with timed(timings, "load_s"):
         loaded = load(model_name, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code)
@@ -282,18 +300,10 @@ def run_recover(
     check(batch_size > 0, f"batch size {batch_size} must be positive")
     check(budget is None or budget > 0, f"budget {budget} must be a positive number of tokens")
     device_ = resolve_device(device)
-    options = dict(options or {})
-    method, _ = choose_method(method_name, options, nsamples, device_, resume=resume)
-    if "seed" in method.accepted():
-        options.setdefault("seed", seed)
-    config = method.configure(options, nsamples, device_)
     pattern = source_sparsity.get("pattern", "unstructured")
-    reason = method.supports(parse_pattern(pattern))
-    check(reason is None, f"{method_name} cannot recover a {pattern} model: {reason}")
-    corpora = parse_list(eval_ppl)
-    for name in corpora:
-        get_corpus(name)
-    check_output(out, overwrite)
+    method, config = choose_method(method_name, options or {}, nsamples, device_, pattern=pattern, seed=seed,
+                                   resume=resume)  # fmt: skip
+    corpora = check_outputs(eval_ppl, out, overwrite)
     timings: dict[str, float] = {}
     with timed(timings, "load_s"):
         sparse = load(str(run_dir))

@@ -30,7 +30,7 @@ from sparsefit.errors import UsageError, check
 from sparsefit.models import load
 from sparsefit.progress import Bar, silent
 from sparsefit.prune import PruneConfig, check_pattern_fits, parse_pattern, prune_model, sparsity_summary
-from sparsefit.recover import RecoveryContext, get_method
+from sparsefit.recover import RecoveryContext
 from sparsefit.walk import resolve_device
 
 DEFAULT_PRUNE = {"method": defaults.QUICK.method, "sparsity": defaults.QUICK.sparsity,
@@ -99,13 +99,8 @@ def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), overwrite: bool =
     device = resolve_device(recipe.device)
     method = method_config = None
     if recipe.recover is not None:
-        name = recipe.recover["method"]
-        options = recipe.recover_options()
-        if "seed" in get_method(name).accepted():
-            options.setdefault("seed", config.seed)
-        method, method_config = choose_method(name, options, config.nsamples, device)
-        reason = method.supports(parse_pattern(config.pattern))
-        check(reason is None, f"{method.name} cannot recover a {config.pattern} model: {reason}")
+        method, method_config = choose_method(recipe.recover["method"], recipe.recover_options(), config.nsamples,
+                                              device, pattern=config.pattern, seed=config.seed)  # fmt: skip
     out = runs_root / recipe.name
     timings: dict[str, float] = {}
 

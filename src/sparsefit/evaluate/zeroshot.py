@@ -16,7 +16,9 @@ lm-eval divides by ``len(choice)``, not by the length of the scored continuation
 
 from __future__ import annotations
 
+import bisect
 import inspect
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
@@ -204,10 +206,12 @@ def evaluate_tasks(
         metrics = {}
         for name, docs in loaded.items():
             requests = [pair for doc in docs for pair in zip(doc.contexts, doc.continuations, strict=True)]
+            # Progress counts documents: a document is done once all its requests (one per choice) are scored.
+            ends = list(itertools.accumulate(len(doc.contexts) for doc in docs))
 
-            def report(done: int, total: int, name: str = name) -> None:
+            def report(done: int, total: int, name: str = name, ends: list[int] = ends) -> None:
                 if progress is not None:
-                    progress(name, done, total)
+                    progress(name, bisect.bisect_right(ends, done), len(ends))
 
             results = loglikelihoods(model, tokenizer, requests, batch_size, device, report)
             metrics[name] = score_docs(docs, results, lambada=name == "lambada")

@@ -11,6 +11,7 @@ from sparsefit.atomic import check_output, write_atomically
 from sparsefit.errors import UsageError
 from sparsefit.export.masks import MASKS_FILE, masks_bytes
 from sparsefit.export.run_folder import load_run_model, read_run, same_folder
+from sparsefit.text import markdown_table
 from sparsefit.walk.masks import model_masks
 
 NOT_MEASURED = "not measured"
@@ -62,14 +63,8 @@ def _pct(value: Any) -> str:
     return f"{100 * value:.2f}%" if isinstance(value, (int, float)) and not isinstance(value, bool) else NOT_MEASURED
 
 
-def _cell(value: Any) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return lines
+    return markdown_table(header, [[str(c) for c in row] for row in rows]).rstrip("\n").split("\n")
 
 
 def _block_of(name: str) -> tuple[int | None, str]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import html
 
+from sparsefit.text import markdown_table
+
 
 def _fmt(value, digits: int = 2) -> str:
     if value is None:
@@ -69,9 +71,8 @@ def _notes(result: dict) -> list[str]:
 
 def compare_markdown(result: dict) -> str:
     header, rows = table_rows(result)
-    lines = ["# sparsefit compare", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    lines += ["", *[f"- {note}" for note in _notes(result)], ""]
+    lines = ["# sparsefit compare", "", markdown_table(header, rows)]
+    lines += [*[f"- {note}" for note in _notes(result)], ""]
     return "\n".join(lines)
 
 

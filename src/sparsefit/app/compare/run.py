@@ -27,7 +27,7 @@ from torch import nn
 from sparsefit.app import defaults
 from sparsefit.app.compare.memory import PeakMemory, release_memory
 from sparsefit.app.compare.render import compare_html, compare_markdown
-from sparsefit.app.jobs import evaluate_model, parse_list, recovery_files, save_run, versions
+from sparsefit.app.jobs import choose_method, evaluate_model, parse_list, recovery_files, save_run, versions
 from sparsefit.app.reports import gap_closed
 from sparsefit.atomic import check_output, write_atomically
 from sparsefit.data import calibration_windows, get_corpus
@@ -161,12 +161,9 @@ def run_compare(
     options = {name: _options_for(name, method_options) for name in recovery}
     device_ = resolve_device(device)
     configs = {}
-    for name, method in recovery.items():
-        reason = method.supports(parsed)
-        check(reason is None, f"method {name!r} cannot run with pattern {parsed}: {reason}")
-        if "seed" in method.accepted():
-            options[name].setdefault("seed", seed)
-        configs[name] = method.configure(options[name], nsamples, device_)
+    for name in recovery:
+        recovery[name], configs[name] = choose_method(name, options[name], nsamples, device_, pattern=pattern,
+                                                      seed=seed)  # fmt: skip
     eval_corpora = parse_list(list(corpora) if not isinstance(corpora, str) else corpora)
     check(len(eval_corpora) > 0, "no evaluation corpus given; give e.g. wiki,books")
     for name in [calib, *eval_corpora]:
