@@ -2,6 +2,8 @@
 
 Written before the redesign of issue 8 and kept after it: moving code must not change a single bit on the
 CPU. A deliberate change of behaviour updates the checksum here, with the reason in the commit message.
+Bits depend on the torch build and the processor's kernels: the checksums hold for the torch the Makefile
+installs (the CPU wheel of 2.13.0); elsewhere the test is skipped (torch 2.11 on an x86 GPU host gave other bits).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from sparsefit.recover.ebft import EBFTStep
 
 IDS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(3))
 CPU = torch.device("cpu")
+PINNED_TORCH = "2.13.0"
 
 EXPECTED = {
     "ebft-interleaved": "12e4fad33b26702df8517cfbe15a55813f4a02701593e4b019c9b4ad52ac964f",
@@ -31,7 +34,11 @@ EXPECTED = {
 }
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(torch.__version__.split("+")[0] != PINNED_TORCH,
+                       reason=f"checksums recorded with torch {PINNED_TORCH} on the CPU"),
+]  # fmt: skip
 
 
 def checksum(model) -> str:

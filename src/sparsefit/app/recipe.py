@@ -93,14 +93,14 @@ def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), overwrite: bool =
     """Run the whole job; returns the summary that report.md shows."""
     config = PruneConfig(**recipe.prune, device=recipe.device)
     config.validate()
-    evaluation = recipe.eval
-    for name in evaluation["ppl"]:
-        get_corpus(name)
     device = resolve_device(recipe.device)
     method = method_config = None
     if recipe.recover is not None:
         method, method_config = choose_method(recipe.recover["method"], recipe.recover_options(), config.nsamples,
                                               device, pattern=config.pattern, seed=config.seed)  # fmt: skip
+    evaluation = recipe.eval
+    for name in evaluation["ppl"]:  # after the cheap checks: a built-in corpus may be fetched here
+        get_corpus(name)
     out = runs_root / recipe.name
     timings: dict[str, float] = {}
 
