@@ -1,10 +1,11 @@
-"""Recovery methods side by side on SmolLM2: Wanda masks at 50 %, 70 % and 2:4, every method on the same masks.
+"""Recovery methods side by side on SmolLM2: Wanda masks at 50 %, 70 % and 2:4.
 
-For each setting, :func:`sparsefit.app.compare.run_compare` prunes once and runs ``none`` (the pruned model),
-DSnoT, EBFT, SquareHead, LoRA and S²FT on the same calibration windows, every training method with the same token
-budget (token passes through each block; default 4 passes over the windows), and evaluates perplexity on ``wiki``
-and ``books``. The default setting is the CPU preset's scale (32 x 256 calibration tokens, 32 k-token budget,
-8 k evaluation tokens per corpus at 1024): about an hour per setting on two cores. A short smoke setting:
+For each setting, :func:`sparsefit.app.compare.run_compare` prunes once and runs ``none`` (the pruned model);
+DSnoT and EBFT interleaved (each prunes with its own walk: the mode of record) and two-step (on the shared masks)
+beside it; SquareHead, LoRA and S²FT on the shared masks. All use the same calibration windows and every training
+method the same token budget (token passes through each block; default 4 passes over the windows); perplexity on
+``wiki`` and ``books``. The default setting is the CPU preset's scale (32 x 256 calibration tokens, 32 k-token
+budget, 8 k evaluation tokens per corpus at 1024): about an hour per setting on two cores. A short smoke setting:
 
     python bench/compare.py --nsamples 4 --seqlen 128 --eval-max-tokens 2048
 
@@ -90,6 +91,7 @@ def run_bench(
     device: str = "auto",
     threads: int | None = None,
     out_dir: str | os.PathLike = RESULTS_DIR,
+    mode: str = "both",
 ) -> dict:
     from sparsefit.app.compare import parse_methods, run_compare
     from sparsefit.app.defaults import COMPARE_EPOCHS
@@ -105,7 +107,7 @@ def run_bench(
     began = time.perf_counter()
     args = dict(model=model, settings=settings, methods=methods, nsamples=nsamples, seqlen=seqlen, budget=budget,
                 calib=calib, corpora=corpora, eval_seqlen=eval_seqlen, eval_max_tokens=eval_max_tokens,
-                device=device)  # fmt: skip
+                device=device, mode=mode)  # fmt: skip
     runs: dict[str, dict] = {}
     failed: dict[str, str] = {}
 
@@ -119,7 +121,7 @@ def run_bench(
                 model, out_dir / "compare" / label, prune="wanda", sparsity=sparsity, pattern=pattern,
                 methods=methods, nsamples=nsamples, seqlen=seqlen, budget=budget, calib=calib,
                 corpora=corpora.split(","), eval_seqlen=eval_seqlen, eval_max_tokens=eval_max_tokens,
-                device=device, overwrite=True, log=log,
+                device=device, overwrite=True, mode=mode, log=log,
             )  # fmt: skip
         except UsageError:
             raise  # bad arguments: the same for every setting, so stop at once
@@ -156,13 +158,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
+    parser.add_argument("--mode", default="both", help="interleaved, two-step or both (block-wise methods twice)")
     args = parser.parse_args(argv)
     from sparsefit.errors import UsageError
 
     try:
         bench = run_bench(
             args.model, args.settings, args.methods, args.nsamples, args.seqlen, args.budget, args.calib,
-            args.corpora, args.eval_seqlen, args.eval_max_tokens, args.device, args.threads, args.out_dir,
+            args.corpora, args.eval_seqlen, args.eval_max_tokens, args.device, args.threads, args.out_dir, args.mode,
         )  # fmt: skip
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -93,7 +93,10 @@ def test_compare_end_to_end_with_a_failing_method(tiny_checkpoint, corpus, tmp_p
             assert key in entry, (name, key)
         assert math.isfinite(entry["ppl"][corpus]) and entry["ppl"][corpus] > 1
         assert entry["sparsity"] == pytest.approx(data["methods"]["none"]["sparsity"])
-        assert entry["masks_kept"] is (name != "dsnot")
+        if name in ("dsnot", "ebft"):  # interleaved (the default): they prune with their own walk
+            assert entry["mode"] == "interleaved" and entry["masks_kept"] is None
+        else:
+            assert entry["masks_kept"] is True
     assert data["methods"]["none"]["gap_closed"][corpus] == pytest.approx(0.0)
     assert data["methods"]["none"]["sparsity"] == pytest.approx(0.5)
     assert data["methods"]["dsnot"]["trainable_params"] == 0
@@ -107,3 +110,13 @@ def test_compare_end_to_end_with_a_failing_method(tiny_checkpoint, corpus, tmp_p
     assert page.count("<svg") == 2 and "<table>" in page and "http" not in page.replace("http://www.w3.org", "")
     with pytest.raises(UsageError, match="exists and is not empty"):
         compare(tiny_checkpoint, corpus, out, methods="none")
+
+
+def test_compare_both_modes_reports_interleaved_of_record_and_two_step_beside_it(tiny_checkpoint, corpus, tmp_path):
+    data = compare(tiny_checkpoint, corpus, tmp_path / "cmp", methods="none,ebft", mode="both")
+    assert list(data["methods"]) == ["none", "ebft", "ebft two-step"]
+    assert data["methods"]["ebft"]["mode"] == "interleaved" and data["methods"]["ebft"]["masks_kept"] is None
+    assert data["methods"]["ebft two-step"]["mode"] == "two-step"
+    assert data["methods"]["ebft two-step"]["masks_kept"] is True
+    # Interleaved EBFT walks pruning again with its own inputs: its own masks, the same sparsity.
+    assert data["methods"]["ebft"]["sparsity"] == pytest.approx(data["methods"]["none"]["sparsity"])

@@ -168,7 +168,7 @@ def test_hub_corpora_through_datasets(monkeypatch):
     corpus = get_corpus("wikitext2")
     assert calls == [("wikitext", "wikitext-2-raw-v1")]
     assert corpus.calib_texts() == [" = Title = \n", "Body one.\n"]
-    assert corpus.test_text() == "A\n\n\nB\n"
+    assert corpus.test_text() == "\n\n".join(["A\n", "", "B\n"])  # every row, the empty one too (the reference)
     with pytest.raises(UsageError, match=r"could not load corpus 'ptb' with `datasets` \(Couldn't reach .*Hub\);"):
         get_corpus("ptb")
     corpora_mod._hf_cached.cache_clear()

@@ -140,3 +140,24 @@ def test_gpt2_conv1d_masks_stay_fixed():
     recover_model(model, dense, EBFTConfig(lr=1e-3, epochs=1, batch_size=4))
     for name, keep in _masks(model).items():
         assert torch.equal(keep, masks[name]), name
+
+
+def test_square_conv1d_mask_is_oriented_by_layer_type_not_shape():
+    """GPT-2's attn.c_proj is a square Conv1D stored (in, out): a shape test cannot tell its orientation."""
+    from sparsefit.recover.ebft import _trainable
+
+    model = make_tiny_model("gpt2")
+    prune_model(model, IDS, PruneConfig(method="magnitude", sparsity=0.5, device="cpu", nsamples=8, seqlen=32))
+    ctx = _block_context(model)
+    masks = block_masks(ctx.block)
+    layer = ctx.block.attn.c_proj
+    assert layer.weight.shape[0] == layer.weight.shape[1]  # square: the case a shape comparison gets wrong
+    params, hooks, _ = _trainable(ctx.block, masks, train_norms=False)
+    ctx.forward(ctx.inputs[:4]).square().mean().backward()
+    for hook in hooks:
+        hook.remove()
+    stored_keep = masks["attn.c_proj"].t()  # (out, in) mask in the stored (in, out) orientation
+    grad = layer.weight.grad
+    assert not torch.equal(stored_keep, stored_keep.t())  # the two orientations differ
+    assert (grad[~stored_keep] == 0).all()  # every pruned weight gets zero gradient
+    assert (grad[stored_keep] != 0).all()  # every kept weight can move

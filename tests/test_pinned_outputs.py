@@ -23,14 +23,17 @@ IDS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(3))
 CPU = torch.device("cpu")
 PINNED_TORCH = "2.13.0"
 
+# Changed on purpose since the redesign (issue 9): dsnot (the reference's loop carries on through a sign change),
+# squarehead (gradients of pruned weights masked before clipping; lr from the reference's table), s2ft (heads and
+# channels chosen over the whole model, as the reference). EBFT and LoRA are as recorded before the redesign.
 EXPECTED = {
     "ebft-interleaved": "12e4fad33b26702df8517cfbe15a55813f4a02701593e4b019c9b4ad52ac964f",
     "ebft-two-step": "29c9e0630f201b03cc1c5a99a72e3512616defb3c6161e2a652fd6695051d27d",
     "ebft-dense-path-early-stop": "2fdf1a5b089dce70841b5195dcec1b2666af8fbdc40e77216ce235ae1d7fbbfe",
-    "dsnot": "042957d7edfe444ba82bbdcf6a4e0c379bce27067e3cd1caaceb9090043c5ed4",
-    "squarehead": "ef0f30d3788ea1718ffbdbd96058cd12cb42c59d98b78f94f13c05a8324189b7",
+    "dsnot": "5ce0c74dc925a83639d097dcf135e65b4c97c74cd6ade25e6149cfeff2d6dff8",
+    "squarehead": "67861ddcfb7b1f84d08fa78126cd7eacdd66749f1bc0537fc113ad1f7eb588a5",
     "lora": "d1b074c94a3ad5904b2abeed725bc5719cec1b3d0800cd387da8f750e7690101",
-    "s2ft": "2fae20fc7a203f342c08580b47f2e787c83b998b2984b3f2eff65e6634e95a56",
+    "s2ft": "ab5925cdfeec9571fa9b8c9c93cb1ff6bec9696ce103a8b4506b6bc58f786504",
 }
 
 

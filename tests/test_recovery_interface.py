@@ -161,3 +161,17 @@ def test_early_stopping_restores_the_best_epoch():
     assert log.epochs_run == 4
     for key, value in module.state_dict().items():
         assert torch.equal(value, states[1][key]), key  # the state held out at epoch 2, not the last one
+
+
+def test_micro_batches_accumulate_to_the_whole_batch_step_and_warmup_counts_steps():
+    x, y = torch.randn(8, 4, generator=torch.Generator().manual_seed(1)), torch.randn(8, 1)
+    results = []
+    for micro in (0, 3):
+        torch.manual_seed(0)
+        module = nn.Linear(4, 1)
+        config = FitConfig(lr=1e-2, epochs=2, batch_size=8, micro_batch=micro, warmup_steps=1)
+        log = train_loop(module, list(module.parameters()), lambda i, m=module: ((m(x[i]) - y[i]) ** 2).mean(), 8,
+                         config, steps=2, seed=0)  # fmt: skip
+        results.append((module.weight.detach().clone(), log.curve))
+    (w_full, curve_full), (w_micro, curve_micro) = results
+    assert torch.allclose(w_full, w_micro, atol=1e-6) and curve_full == pytest.approx(curve_micro, rel=1e-5)

@@ -215,6 +215,8 @@ def compare(
     device: str = typer.Option("auto"),
     option: list[str] = typer.Option(None, "--option", "-o", help="METHOD.KEY=VALUE, e.g. -o lora.lr=3e-4"),
     keep: bool = typer.Option(False, "--keep", help="also write each method's model as a run folder in OUT"),
+    mode: str = typer.Option("interleaved", help="interleaved (block-wise methods prune in their own walk, as their "
+                                                 "references), two-step (all on one set of masks) or both"),
     out: Path = typer.Option(..., help="output folder for compare.json / .md / .html"),
     overwrite: bool = typer.Option(False),
 ) -> None:
@@ -231,7 +233,7 @@ def compare(
         model, out, prune=prune, sparsity=sparsity, pattern=pattern, methods=methods, nsamples=nsamples,
         seqlen=seqlen, budget=budget, calib=calib, corpora=ppl, eval_seqlen=eval_seqlen,
         eval_max_tokens=eval_max_tokens, seed=seed, device=device, overwrite=overwrite, method_options=per_method,
-        keep=keep, log=lambda line: typer.echo(line, err=True), progress=bar,
+        keep=keep, mode=mode, log=lambda line: typer.echo(line, err=True), progress=bar,
     )  # fmt: skip
     typer.echo((out / "compare.md").read_text())
 

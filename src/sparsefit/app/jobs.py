@@ -21,7 +21,7 @@ from sparsefit.app import defaults
 from sparsefit.atomic import check_output, write_atomically, write_file_atomically
 from sparsefit.data import calibration_windows, get_corpus, test_stream
 from sparsefit.errors import UsageError, check
-from sparsefit.evaluate.perplexity import perplexity
+from sparsefit.evaluate.perplexity import eval_windows, perplexity
 from sparsefit.evaluate.zeroshot import evaluate_tasks, parse_tasks
 from sparsefit.export.run_folder import read_run
 from sparsefit.models import load, parse_dtype
@@ -75,10 +75,11 @@ def evaluate_model(
         results["ppl"] = {}
     for corpus in corpora:
         stream = test_stream(tokenizer, corpus)
-        total = (min(stream.shape[1], max_tokens or stream.shape[1])) // seqlen
+        total = eval_windows(stream, seqlen, max_tokens, corpus.max_windows).shape[0]
         with progress(f"ppl {corpus.name} @ {seqlen}", total) as update:
-            res = perplexity(model, stream, seqlen=seqlen, max_tokens=max_tokens, batch_size=batch_size,
-                             device=device, progress=lambda done, _total: update(done=done))  # fmt: skip
+            res = perplexity(model, stream, seqlen=seqlen, max_tokens=max_tokens, max_windows=corpus.max_windows,
+                             batch_size=batch_size, device=device,
+                             progress=lambda done, _total: update(done=done))  # fmt: skip
         results["ppl"][corpus.name] = res.to_dict()
     if task_names:
         results["tasks"] = {}
@@ -169,6 +170,25 @@ def check_outputs(eval_ppl: str | list[str], out: Path, overwrite: bool) -> list
     return corpora
 
 
+def prune_interleaved(
+    model: nn.Module, calib: torch.Tensor, config: PruneConfig, method: RecoveryMethod | None = None,
+    method_config=None, *, checkpoint: BlockCheckpoint | None = None, resume: bool = False, progress: Bar = silent,
+) -> dict:  # fmt: skip
+    """Prune ``model`` and, with a block-wise ``method``, recover each block right after pruning it: the order of
+    EBFT's and DSnoT's reference code (statistics, targets and masks from the recovered model's own inputs)."""
+    steps_before, recover_steps, keep_dense = [], [], False
+    if method is not None:
+        target = method.target(method_config)
+        if target == "dense-path" or method.needs_teacher_block:
+            steps_before = [TeacherStep(None, target="dense-path" if target == "dense-path" else None,
+                                        keep_block=method.needs_teacher_block)]  # fmt: skip
+        recover_steps = method.block_steps(method_config, parse_pattern(config.pattern))
+        keep_dense = target == "sparse-path"
+    return prune_model(model, calib, config, steps_before=steps_before, recover_steps=recover_steps,
+                       keep_dense_outputs=keep_dense, checkpoint=checkpoint, resume=resume,
+                       progress=progress)  # fmt: skip
+
+
 def _evaluate_and_sparsity(model, tokenizer, pattern, corpora, seqlen, max_tokens, device, timings, progress):
     """The finished model's sparsity report and results (sparsity, plus perplexity when corpora are asked)."""
     sparsity = sparsity_summary(model, pattern)
@@ -226,18 +246,9 @@ def run_prune(
     checkpoint = BlockCheckpoint.for_output(
         out, _fingerprint(model=loaded.source, prune=config.to_dict(), dtype=dtype, recover=recovery_config)
     )
-    steps_before, recover_steps, keep_dense = [], [], False
-    if method is not None:
-        target = method.target(method_config)
-        if target == "dense-path" or method.needs_teacher_block:
-            steps_before = [TeacherStep(None, target="dense-path" if target == "dense-path" else None,
-                                        keep_block=method.needs_teacher_block)]  # fmt: skip
-        recover_steps = method.block_steps(method_config, parse_pattern(config.pattern))
-        keep_dense = target == "sparse-path"
     with timed(timings, "prune_s"):
-        walked = prune_model(loaded.model, calib, config, steps_before=steps_before, recover_steps=recover_steps,
-                             keep_dense_outputs=keep_dense, checkpoint=checkpoint, resume=resume,
-                             progress=progress)  # fmt: skip
+        walked = prune_interleaved(loaded.model, calib, config, method, method_config, checkpoint=checkpoint,
+                                   resume=resume, progress=progress)  # fmt: skip
     reports = walked["blocks"]
     sparsity, results = _evaluate_and_sparsity(loaded.model, loaded.tokenizer, config.pattern, corpora, eval_seqlen,
                                                eval_max_tokens, device, timings, progress)  # fmt: skip

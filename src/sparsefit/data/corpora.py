@@ -16,11 +16,21 @@ Accepted names (``get_corpus``):
   A corpus with fewer than 10 documents is split like ``books`` instead: hashing so few documents could
   leave a split empty.
 * ``wikitext2``, ``c4``, ``ptb`` — the usual research corpora through the ``datasets`` package, when it is
-  installed and the hub or its cache is reachable. Their official splits are used (C4: the first train and
-  validation shards, the first 1100 validation documents as the test text, as in Wanda/SparseGPT).
+  installed and the hub or its cache is reachable. Their official splits are used, and their test text is built
+  exactly as the reference code builds it (SparseGPT ``datautils.py``, Wanda and EBFT ``lib/data.py``), so
+  perplexities compare with the papers':
 
-Test text is the test documents joined with ``"\\n\\n"`` (the WikiText-2 protocol); C4 and PTB keep the
-reference code's ``" "``.
+  - ``wikitext2``: every row of the raw test split, empty rows included, joined with ``"\\n\\n"``
+    (``"\\n\\n".join(testdata['text'])``). WikiText rows are lines, many of them empty; dropping them
+    would change the text between paragraphs and so the token stream and the perplexity.
+  - ``c4``: the first train and validation shards; the test text is the first 1100 validation documents
+    joined with ``" "`` (``' '.join(valdata[:1100]['text'])``), and evaluation keeps only the first
+    ``256 * seqlen`` tokens of its stream (``valenc[:, :(256 * seqlen)]``): see :attr:`Corpus.max_windows`.
+  - ``ptb``: every sentence of the test split joined with ``" "`` (``" ".join(testdata['sentence'])``).
+
+  Their calibration documents are the non-empty rows of the train split.
+
+The test text of the other corpora is their test documents joined with ``"\\n\\n"`` (the WikiText-2 protocol).
 """
 
 from __future__ import annotations
@@ -40,6 +50,8 @@ TEST_FRACTION = 0.2  # tail share of each document when documents are split inte
 MIN_HASHED_DOCS = 10  # below this, local corpora are split inside each document
 BOOKS = ("lcet10.txt", "alice29.txt", "asyoulik.txt", "plrabn12.txt")
 HF_CORPORA = ("wikitext2", "c4", "ptb")
+C4_TEST_DOCS = 1100  # validation documents in the C4 test text (reference: valdata[:1100])
+C4_EVAL_WINDOWS = 256  # windows of the evaluation seqlen kept from the C4 test stream (reference: 256 * seqlen)
 LOCAL_SUFFIXES = (".txt", ".jsonl")
 
 CORPORA: dict[str, str] = {
@@ -61,6 +73,13 @@ class Corpus:
     calib: tuple[str, ...]
     test: tuple[str, ...]
     joiner: str = "\n\n"  # how test documents are joined into one evaluation text
+    # At most this many windows of the evaluation seqlen are evaluated (None: all). Only C4 sets it (256): the
+    # reference (SparseGPT/Wanda/EBFT get_c4) keeps the first 256 * seqlen tokens of the tokenized 1100
+    # validation documents, so its perplexity covers 256 windows at any seqlen; evaluating every window of the
+    # stream instead would average over other text and give another number. The cut depends on the seqlen, so
+    # it is a token-level rule for the evaluation (``perplexity(..., max_windows=corpus.max_windows)``), not
+    # part of the text.
+    max_windows: int | None = None
 
     def calib_texts(self) -> list[str]:
         """The calibration documents (non-empty strings)."""
@@ -211,28 +230,32 @@ def _hf(name: str) -> Corpus:
             f"corpus {name!r} needs the `datasets` package (pip install datasets) and network access or a "
             "cached copy; offline, use wiki, books or a local .txt/.jsonl file"
         ) from None
+    # The test rows are kept exactly as the reference joins them, empty rows included (see the module docstring).
+    max_windows = None
     try:
         if name == "wikitext2":
             data = datasets.load_dataset("wikitext", "wikitext-2-raw-v1")
-            calib, test, field, joiner = data["train"], data["test"], "text", "\n\n"
+            calib, test_texts, joiner = data["train"]["text"], data["test"]["text"], "\n\n"
         elif name == "c4":
             files = {
                 "train": "en/c4-train.00000-of-01024.json.gz",
                 "validation": "en/c4-validation.00000-of-00008.json.gz",
             }
             data = datasets.load_dataset("allenai/c4", data_files=files)
-            calib, test, field, joiner = data["train"], data["validation"].select(range(1100)), "text", " "
+            # Slicing a Dataset gives a dict of columns; like the reference, fewer rows simply give less text.
+            calib, test_texts, joiner = data["train"]["text"], data["validation"][:C4_TEST_DOCS]["text"], " "
+            max_windows = C4_EVAL_WINDOWS
         else:
             data = datasets.load_dataset("ptb_text_only", "penn_treebank")
-            calib, test, field, joiner = data["train"], data["test"], "sentence", " "
-        calib_texts = tuple(t for t in calib[field] if t.strip())
-        test_texts = tuple(t for t in test[field] if t.strip())
+            calib, test_texts, joiner = data["train"]["sentence"], data["test"]["sentence"], " "
+        calib_texts = tuple(t for t in calib if t.strip())
+        test_texts = tuple(test_texts)
     except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError, HfHubHTTPError…)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UsageError(
             f"could not load corpus {name!r} with `datasets` ({first}); it needs network access or a cached copy"
         ) from None
-    return Corpus(name, calib_texts, test_texts, joiner)
+    return Corpus(name, calib_texts, test_texts, joiner, max_windows)
 
 
 @functools.lru_cache(maxsize=4)

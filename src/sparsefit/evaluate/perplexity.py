@@ -8,6 +8,10 @@ The test text is tokenized once (``sparsefit.data.test_stream``), cut into non-o
 Each window predicts only its last ``seqlen - 1`` tokens, yet the reference multiplies that mean by ``seqlen``;
 we keep this exact convention (it equals ``exp`` of the mean per-window loss) so numbers compare with the
 papers'. The sequence length changes the number: always report it with the number.
+
+C4 follows the reference's extra cut (SparseGPT/Wanda/EBFT ``get_c4``: ``valenc[:, :(256 * seqlen)]``): only the
+first 256 windows of the stream are evaluated, whatever the seqlen. Callers pass ``max_windows=corpus.max_windows``
+(``sparsefit.data.Corpus``), which is 256 for ``c4`` and None (every window) for the other corpora.
 """
 
 from __future__ import annotations
@@ -45,6 +49,43 @@ def _check_int(name: str, value, example: int) -> None:
         raise UsageError(f"{name} {value!r} is not accepted; give a positive integer such as {example}")
 
 
+def eval_windows(
+    stream: torch.Tensor, seqlen: int, max_tokens: int | None = None, max_windows: int | None = None
+) -> torch.Tensor:
+    """The windows that :func:`perplexity` evaluates: LongTensor (n_windows, seqlen).
+
+    The stream (LongTensor (1, T) or (T,)) is cut to its first ``max_tokens`` tokens and its first
+    ``max_windows * seqlen`` tokens (each when given), then into whole windows; the remainder is dropped. With
+    ``max_windows=256`` this is the reference C4 protocol, ``valenc[:, :(256 * seqlen)]`` then
+    ``numel() // seqlen`` windows: a stream shorter than that gives fewer windows, as there.
+    """
+    _check_int("seqlen", seqlen, 1024)
+    if seqlen < 2:
+        raise UsageError(f"seqlen {seqlen} is too short to predict a token; give at least 2, such as 1024")
+    if max_tokens is not None:
+        _check_int("max_tokens", max_tokens, 16384)
+        if max_tokens < seqlen:
+            raise UsageError(f"max_tokens {max_tokens} is smaller than seqlen {seqlen}; give at least one window")
+    if max_windows is not None:
+        _check_int("max_windows", max_windows, 256)
+    if stream.dim() == 2 and stream.shape[0] == 1:
+        stream = stream[0]
+    if stream.dim() != 1 or stream.dtype not in (torch.long, torch.int32, torch.int64):
+        raise UsageError(
+            f"token stream of shape {tuple(stream.shape)} and {stream.dtype} is not accepted; give a LongTensor (1, T)"
+        )
+    if max_tokens is not None:
+        stream = stream[:max_tokens]
+    if max_windows is not None:
+        stream = stream[: max_windows * seqlen]
+    windows = stream.numel() // seqlen
+    if windows == 0:
+        raise UsageError(
+            f"seqlen {seqlen} is longer than the evaluation text ({stream.numel()} tokens); use a smaller --seqlen"
+        )
+    return stream[: windows * seqlen].to(torch.long).view(windows, seqlen)
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
@@ -54,34 +95,18 @@ def perplexity(
     batch_size: int = 1,
     device: str | torch.device | None = None,
     progress: Callable[[int, int], None] | None = None,
+    max_windows: int | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on a token ``stream`` (LongTensor (1, T) or (T,)) in windows of ``seqlen``.
 
-    ``max_tokens`` keeps only the first tokens of the stream. ``device`` (default: where the model is) runs the
-    model there; a model moved for this call is moved back afterwards. ``progress(done, total)`` is called
-    after each batch with window counts.
+    ``max_tokens`` keeps only the first tokens of the stream, ``max_windows`` only its first windows (pass the
+    corpus's ``max_windows``: 256 for C4, the reference protocol; see :func:`eval_windows`). ``device`` (default:
+    where the model is) runs the model there; a model moved for this call is moved back afterwards.
+    ``progress(done, total)`` is called after each batch with window counts.
     """
-    _check_int("seqlen", seqlen, 1024)
-    if seqlen < 2:
-        raise UsageError(f"seqlen {seqlen} is too short to predict a token; give at least 2, such as 1024")
     _check_int("batch_size", batch_size, 1)
-    if max_tokens is not None:
-        _check_int("max_tokens", max_tokens, 16384)
-        if max_tokens < seqlen:
-            raise UsageError(f"max_tokens {max_tokens} is smaller than seqlen {seqlen}; give at least one window")
-    if stream.dim() == 2 and stream.shape[0] == 1:
-        stream = stream[0]
-    if stream.dim() != 1 or stream.dtype not in (torch.long, torch.int32, torch.int64):
-        raise UsageError(
-            f"token stream of shape {tuple(stream.shape)} and {stream.dtype} is not accepted; give a LongTensor (1, T)"
-        )
-    if max_tokens is not None:
-        stream = stream[:max_tokens]
-    windows = stream.numel() // seqlen
-    if windows == 0:
-        raise UsageError(
-            f"seqlen {seqlen} is longer than the evaluation text ({stream.numel()} tokens); use a smaller --seqlen"
-        )
+    data = eval_windows(stream, seqlen, max_tokens, max_windows)
+    windows = data.shape[0]
     context = _context_length(model)
     if context is not None and seqlen > context:
         raise UsageError(
@@ -98,7 +123,6 @@ def perplexity(
     if movable:
         model.to(target)
     try:
-        data = stream[: windows * seqlen].to(torch.long).view(windows, seqlen)
         total_nll = 0.0  # float64 (Python) accumulator; each window's nll is computed in float32
         done = 0
         for start in range(0, windows, batch_size):

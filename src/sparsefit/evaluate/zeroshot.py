@@ -61,7 +61,27 @@ def _prefix_tokens(tokenizer) -> list[int]:
     return []
 
 
+def _start_token(tokenizer) -> int:
+    """What an empty context conditions on: lm-eval's ``HFLM.prefix_token_id``, the BOS token, else the EOS token."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise UsageError("an empty context needs a tokenizer with a bos or eos token")
+    return start
+
+
 def _encode_pair(tokenizer, prefix: list[int], context: str, continuation: str) -> tuple[list[int], list[int]]:
+    if not context:
+        # lm-eval (0.4.3 on): the bare continuation after the start token, or after its own first token when that
+        # is the start token already.
+        start = _start_token(tokenizer)
+        continuation_ids = _encode(tokenizer, continuation)
+        if continuation_ids[:1] == [start]:
+            context_ids, continuation_ids = continuation_ids[:1], continuation_ids[1:]
+        else:
+            context_ids = [start]
+        if not continuation_ids:
+            raise UsageError(f"continuation {continuation!r} encodes to no tokens")
+        return context_ids, continuation_ids
     # lm-eval: a trailing space belongs to the continuation, where BPE tokenizers attach it to the next word.
     spaces = len(context) - len(context.rstrip())
     if spaces:
@@ -72,11 +92,8 @@ def _encode_pair(tokenizer, prefix: list[int], context: str, continuation: str) 
     continuation_ids = whole[len(context_ids) :]
     context_ids = prefix + context_ids
     if not context_ids:
-        # Nothing to condition the first token on: lm-eval starts from the end-of-text (or BOS) token.
-        start = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
-        if start is None:
-            raise UsageError("an empty context needs a tokenizer with an eos or bos token")
-        context_ids = [start]
+        # A context of spaces only (lm-eval scores it wrongly): condition on the start token as for an empty one.
+        context_ids = [_start_token(tokenizer)]
     if not continuation_ids:
         raise UsageError(f"continuation {continuation!r} encodes to no tokens")
     return context_ids, continuation_ids

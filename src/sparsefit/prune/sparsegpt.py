@@ -5,6 +5,14 @@ dampening, upper Cholesky factor of H^-1, column blocks of ``blocksize``. Unstru
 from w^2 / diag(Hinv)^2; N:M masks every M columns inside the loop. Two deliberate differences: the per-block
 prune counts are exact and add up to exactly ``int(numel * sparsity)`` (the reference's ``<=`` threshold prunes
 one extra weight per block and every tie), and ties are broken by a stable sort.
+
+Masks only (``update_weights=False``) gives the masks of the EBFT release's ``fasterprune``: it runs the same sweep but
+never changes a weight (its ``q`` is an unpruned copy, so the error is zero and nothing reaches later columns), so
+every mask comes from the original weights (dead inputs zeroed) and the same Hinv factor: per block from
+w^2 / diag(Hinv)^2, or per group of M for N:M. The new weight is the original with the pruned entries zeroed. The
+differences from that release are the two above (it keeps ``tmp > thresh``, the same rule as the reference's ``<=``
+prune, and its N:M ``topk`` breaks ties in no set order) and one more: kept weights of dead inputs (only possible
+when they outnumber the pruned count, their score being 0) keep their value, where the release zeroes them.
 """
 
 from __future__ import annotations
@@ -58,14 +66,21 @@ def sparsegpt_solve(
     """Prune one (out, in) weight matrix given its Hessian; pure (the inputs are not modified).
 
     Returns (new float32 weight, bool keep mask, reconstruction loss estimate). With ``update_weights=False``
-    the masks are chosen exactly as with the update, but the new weight is the original one with the pruned
-    entries zeroed (the EBFT release's "masks only" path).
+    (the EBFT release's "masks only" path) no weight is updated, so the masks come from the original weights, and
+    the new weight is the original one with the pruned entries zeroed; the loss is then the exact
+    sum of dW H dW^T / 2 over the rows, with dW the change to the weight.
     """
     original = weight.detach().float()
     w = original.clone()
     rows, cols = w.shape
     hinv, dead = inverse_hessian_factor(hessian, percdamp)
     w[:, dead] = 0
+    if not update_weights:
+        keep = _masks_only_keep(w, torch.diag(hinv), sparsity, pattern, blocksize)
+        new = original.masked_fill(~keep, 0)
+        delta = new - original
+        loss = (delta @ hessian.detach().float() * delta).sum() / 2
+        return new, keep, float(loss)
 
     prune = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)  # True = pruned, as in the reference
     losses = torch.zeros(rows, device=w.device)
@@ -108,10 +123,31 @@ def sparsegpt_solve(
         losses += losses1.sum(dim=1) / 2
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
-    keep = ~prune
-    if not update_weights:
-        w = original.masked_fill(prune, 0)
-    return w, keep, float(losses.sum())
+    return w, ~prune, float(losses.sum())
+
+
+def _masks_only_keep(
+    w: torch.Tensor, hinv_diag: torch.Tensor, sparsity: float | None, pattern: Pattern, blocksize: int
+) -> torch.Tensor:
+    """Keep mask of the sweep without weight updates: the scores never change, so each block is decided at once."""
+    rows, cols = w.shape
+    scores = w.square() / hinv_diag.reshape(1, -1).square()  # the same float32 ops as the sweep's block scores
+    keep = torch.ones(rows, cols, dtype=torch.bool, device=w.device)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        block = scores[:, i1:i2]
+        if pattern.structured:
+            # Groups of M start at the block's first column, as in the sweep (blocks are multiples of M in practice).
+            pruned, m = pattern.m - pattern.n, pattern.m
+            full = (i2 - i1) // m * m
+            groups = block[:, :full].reshape(rows, full // m, m)
+            keep[:, i1 : i1 + full] = prune_lowest(groups, pruned, dim=2).reshape(rows, full)
+            if full < i2 - i1:
+                keep[:, i1 + full : i2] = prune_lowest(block[:, full:], pruned, dim=1)
+        else:
+            k = int(rows * i2 * sparsity) - int(rows * i1 * sparsity)  # the sweep's exact per-block count
+            keep[:, i1:i2] = prune_lowest(block.reshape(-1), k, dim=0).reshape(rows, i2 - i1)
+    return keep
 
 
 class SparseGPTPruner(Pruner):

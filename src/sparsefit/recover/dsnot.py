@@ -1,25 +1,45 @@
 """DSnoT (Zhang et al., arXiv 2310.08915): training-free prune-and-grow of a sparse model's masks.
 
-As the official code runs it (``lib/prune.py``, ``lib/layerwrapper.py``), per layer and output row:
+As the official code runs it (``main.py``'s defaults; ``lib/prune.py``, ``prune_DSnoT``; ``lib/layerwrapper.py``),
+per layer and output row:
 
 * statistics per input channel j from the calibration inputs: ``sum_j`` (the sum of x_j over a window, averaged
   over windows: the reference's ``sum_metric_row``), ``var_j`` (the variance of x_j within a window, averaged over
   windows) and ``||x_j||^2`` (Wanda's norm);
 * the row's reconstruction error is ``e = sum over pruned j of W_j * sum_j``: the expected difference between the
   dense and the sparse output;
-* each cycle regrows the pruned weight that shrinks ``|e|`` most, ranked by ``|W_j sum_j| / var_j^p``, and prunes
-  the kept weight of opposite contribution with the smallest Wanda score ``|W_j| ||x_j||``; a swap happens only
-  while ``|e| > threshold`` and only if ``e`` keeps its sign; a row stops at its first refused swap or after
-  ``max_cycles``. N:M: the weight pruned is the lowest-Wanda kept weight of the regrown weight's group, so
-  every group keeps exactly N.
+* two lists, made once, each read from both ends: the regrowing list, every weight by ``W_j sum_j / var_j^p`` (signed,
+  the kept ones at 0), and the pruning list, the kept weights by Wanda score ``|W_j| ||x_j||`` with those of
+  ``W_j sum_j < 0`` first (lowest score first) and those of ``W_j sum_j > 0`` last (lowest score last);
+* each cycle, while ``|e| > threshold``: for ``e > 0`` regrow the next weight from the back of the regrowing list
+  (the largest positive ratio) and prune the next from the front of the pruning list, for ``e < 0`` the other two
+  ends; ``e`` moves by both. A row goes on when ``e`` changes sign, from the other ends, until ``|e| <= threshold``
+  or ``max_cycles`` cycles: the reference's ``--without_same_sign`` is declared ``type=bool, default=True``, so it
+  is on unless given an empty string;
+* N:M: the regrown weight comes from the same list; the weight pruned is the lowest-Wanda weight of its group of M
+  among those kept at the start and not pruned since (so a regrown weight is never pruned again), and a row stops at
+  its first swap that would change the sign of ``e``: the reference's N:M loop always checks the sign;
 * no weight value changes: a regrown weight takes the dense teacher's value, a kept one keeps its own.
 
-Three deliberate differences from the reference, each keeping the sparsity exact: candidates are filtered by
-sign, so a row never "regrows" a kept weight or prunes a pruned one when its candidates run out (the reference
-does, on narrow layers, which changes the sparsity); a weight regrown during the run is never pruned again in
-N:M (the reference can prune an already-pruned weight there); and when the kept weights differ from the teacher's
-(SparseGPT with its weight update, or after EBFT) the error counts their difference too, ``e = sum_j (W_dense -
-W_sparse)_j sum_j``, which equals the reference's whenever the kept weights are the teacher's.
+``DSnoTConfig.same_sign`` None (the default) runs each loop as the reference does; True stops a row at the first swap
+that would change the sign of ``e`` in both (the reference's unstructured loop with ``without_same_sign`` off, and
+sparsefit's DSnoT before issue 9); False lets N:M rows go on through sign changes too.
+
+Deliberate differences from the reference:
+
+* a row stops at its first swap that would not be one: regrowing a weight that is kept, pruning one that is pruned,
+  reading past either end of a list, or (N:M) a group with no weight left to prune. The reference does not check:
+  when a row reads past the weights of the right sign in the regrowing list (a narrow layer, many cycles one way),
+  its two pruning pointers cross, or (N:M) a group runs out, it prunes without regrowing or the other way round and
+  the layer's sparsity changes. Up to there both lists are read as the reference reads them, kept weights of zero
+  contribution included (``_regrowing_ends``, ``_pruning_ends``, the ``real`` test in each loop);
+* when the kept weights differ from the teacher's (SparseGPT with its weight update, or after EBFT), a weight's
+  contribution ``c_j = v_j sum_j`` uses the value it has when kept (its own if kept, the teacher's if pruned) and
+  ``e = sum_j (W_dense - W_sparse)_j sum_j`` counts the kept weights' difference too; both equal the reference's
+  when the kept weights are the teacher's (``_contributions``). Wanda scores are of the kept values;
+* N:M prunes the lowest Wanda score of the group whatever pruned the layer; the reference uses its initial pruner's
+  score (the same when the masks came from Wanda);
+* a channel of zero variance is ranked as if its variance were ``VAR_FLOOR``; the reference divides by 0.
 
 Statistics come from the dense block (the teacher's) run on the sparse model's own block inputs, the pass in
 which the reference collects them together with Wanda's. The threshold is in the reference's unit (sums over a
@@ -49,12 +69,15 @@ VAR_FLOOR = 1e-12  # a channel constant over every window has zero variance: ran
 
 @dataclass
 class DSnoTConfig:
-    """The official defaults: 50 cycles, threshold 0.1, variance power 1, attention layers only."""
+    """The official defaults: 50 cycles, threshold 0.1, variance power 1, attention layers only, its sign rules."""
 
     max_cycles: int = 50
     threshold: float = 0.1
     var_power: float = 1.0
     layers: str = "attn"  # attn (the reference's default), mlp, or all
+    # Stop a row at its first swap that would change the sign of its error. None: as the reference, off for
+    # unstructured masks (its --without_same_sign is always on) and on for N:M (its N:M loop always checks).
+    same_sign: bool | None = None
 
     def validate(self, name: str = "dsnot", n_windows: int | None = None) -> None:
         check(
@@ -64,6 +87,10 @@ class DSnoTConfig:
         check(self.threshold >= 0, f"dsnot threshold {self.threshold} must be >= 0")
         check(self.var_power >= 0, f"dsnot variance power {self.var_power} must be >= 0")
         check(self.layers in LAYER_SETS, f"dsnot layers {self.layers!r} is not one of {', '.join(LAYER_SETS)}")
+        check(
+            self.same_sign is None or isinstance(self.same_sign, bool),
+            f"dsnot same_sign {self.same_sign!r} must be true, false or unset",
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,6 +140,68 @@ class ChannelStats:
         return (self.window_sum / n).float(), (self.window_var / n).float(), self.sq_sum.float()
 
 
+def _contributions(w_dense, w_sparse, keep, window_sum, sq_norm):
+    """(c, e, wanda): ``c_j = v_j sum_j`` with ``v_j`` the value weight j has when kept (its own if kept, the
+    teacher's if pruned), so regrowing j lowers e by c_j and pruning it raises e by c_j; the error per row; Wanda
+    scores of the values."""
+    w_dense, w_sparse = w_dense.float(), w_sparse.float()
+    mean = window_sum.to(w_dense.device, torch.float32).reshape(1, -1)
+    value = torch.where(keep, w_sparse, w_dense)
+    error = ((w_dense - w_sparse * keep) * mean).sum(dim=1)
+    wanda = value.abs() * sq_norm.to(w_dense.device, torch.float32).sqrt().reshape(1, -1)
+    return value * mean, error, wanda
+
+
+def _regrowing_ends(contrib, keep, var, var_power, depth):
+    """The reference's regrowing list, every column by ``c_j / var_j^p`` with the kept ones at 0 (stable sort), read
+    from the front (most negative first: for e <= 0) and from the back (most positive first: for e > 0).
+
+    (rows, 2, depth) columns: ``[:, 0]`` the front's first ``depth``, ``[:, 1]`` the back's.
+    """
+    scale = var.to(contrib.device, torch.float32).clamp_min(VAR_FLOOR).pow(var_power).reshape(1, -1)
+    order = torch.argsort((contrib / scale).masked_fill(keep, 0), dim=1, stable=True)
+    return torch.stack([order[:, :depth], order.flip(1)[:, :depth]], dim=1)
+
+
+def _pruning_ends(contrib, keep, wanda, depth):
+    """The reference's pruning list, read from the front (for e >= 0) and from the back (for e < 0); and its length.
+
+    The list holds the kept weights of the row, by Wanda score, lowest first (stable), reordered: those with
+    ``c_j < 0`` first in that order, those with ``c_j > 0`` last in reverse order, so each end starts at its sign's
+    lowest score. Kept weights with ``c_j == 0`` lie in between, as copies of the row's lowest-score kept weight: what
+    the reference's reordering (``return_reorder_indice``) makes of them. Returns (rows, 2, depth) columns (``[:, 0]``
+    the front's first ``depth``, ``[:, 1]`` the back's) and the number of kept weights per row.
+    """
+    rows, cols = keep.shape
+    by_score = torch.argsort(wanda.masked_fill(~keep, float("inf")), dim=1, stable=True)
+    n_kept = keep.sum(dim=1, keepdim=True)
+    slot = torch.arange(cols, device=keep.device).expand(rows, cols)
+    listed = slot < n_kept
+    c = contrib.gather(1, by_score)
+    negative, positive = listed & (c < 0), listed & (c > 0)
+    n_neg, n_pos = negative.sum(dim=1, keepdim=True), positive.sum(dim=1, keepdim=True)
+    neg_slots = torch.argsort(torch.where(negative, slot, cols), dim=1, stable=True)  # negatives' slots, in order
+    pos_slots = torch.argsort(torch.where(positive, slot, cols), dim=1, stable=True)
+
+    def entry(i):  # list entry i (rows, depth) -> column; garbage where i is outside [0, n_kept)
+        from_end = n_kept - 1 - i
+        source = torch.where(
+            i < n_neg,
+            neg_slots.gather(1, i.clamp(0, cols - 1)),
+            torch.where(from_end < n_pos, pos_slots.gather(1, from_end.clamp(0, cols - 1)), torch.zeros_like(i)),
+        )
+        return by_score.gather(1, source)
+
+    step = torch.arange(depth, device=keep.device).expand(rows, depth)
+    return torch.stack([entry(step), entry(n_kept - 1 - step)], dim=1), n_kept.squeeze(1)
+
+
+def _read(ends, pointers, end, rows):
+    """Per row, the entry of list end ``end`` at that end's pointer; and the pointer."""
+    at = pointers[rows, end]
+    return ends[rows, end, at.clamp_max(ends.shape[2] - 1)], at
+
+
 @dataclass
 class SwapResult:
     keep: torch.Tensor  # the new bool keep mask (out, in)
@@ -120,25 +209,6 @@ class SwapResult:
     error_after: torch.Tensor  # and after
     swaps: int
     cycles: int
-
-
-def _setup(w_dense, w_sparse, keep, window_sum, sq_norm):
-    w_dense, w_sparse = w_dense.float(), w_sparse.float()
-    mean = window_sum.to(w_dense.device, torch.float32).reshape(1, -1)
-    grow = w_dense * mean  # regrowing j lowers e by this
-    drop = w_sparse * keep * mean  # pruning kept j raises e by this
-    error = ((w_dense - w_sparse * keep) * mean).sum(dim=1)
-    wanda = w_sparse.abs() * sq_norm.to(w_dense.device, torch.float32).sqrt().reshape(1, -1)
-    return grow, drop, error, wanda
-
-
-def _regrow_order(grow, keep, var, direction, var_power, cycles):
-    """Per row, the first ``cycles`` pruned weights whose regrowth moves e towards 0, best first; and their count."""
-    rank = grow.abs() / var.to(grow.device, torch.float32).clamp_min(VAR_FLOOR).pow(var_power).reshape(1, -1)
-    candidate = ~keep & (torch.sign(grow) == direction.unsqueeze(1))
-    key = torch.where(candidate, -rank, torch.full_like(rank, float("inf")))
-    order = torch.argsort(key, dim=1, stable=True)[:, :cycles]
-    return order, candidate.sum(dim=1)
 
 
 def dsnot_unstructured(
@@ -150,36 +220,44 @@ def dsnot_unstructured(
     sq_norm: torch.Tensor,
     config: DSnoTConfig,
 ) -> SwapResult:
-    """DSnoT's prune-and-grow on one (out, in) layer; pure (the inputs are not modified).
+    """DSnoT's prune-and-grow on one (out, in) layer, all rows at once; pure (the inputs are not modified).
 
-    Every swap regrows one weight and prunes one in the same row, so each row keeps its count of zeros.
+    Rows go on through sign changes of their error unless ``config.same_sign``. Every swap regrows one weight and
+    prunes one in the same row, so each row keeps its count of zeros.
     """
     keep = keep.clone().bool()
-    grow, drop, error, wanda = _setup(w_dense, w_sparse, keep, window_sum, sq_norm)
+    contrib, error, wanda = _contributions(w_dense, w_sparse, keep, window_sum, sq_norm)
     before = error.clone()
-    direction = torch.sign(error)
+    initial_sign = torch.sign(error)
     rows = torch.arange(keep.shape[0], device=keep.device)
-    cycles = min(config.max_cycles, keep.shape[1])
-    regrow, n_regrow = _regrow_order(grow, keep, window_var, direction, config.var_power, cycles)
-    # Prune candidates: kept weights whose removal pushes e back towards 0 (opposite sign), lowest Wanda first.
-    candidate = keep & (torch.sign(drop) == -direction.unsqueeze(1))
-    prune = torch.argsort(torch.where(candidate, wanda, torch.full_like(wanda, float("inf"))), dim=1, stable=True)
-    prune, n_prune = prune[:, :cycles], candidate.sum(dim=1)
-    active = direction != 0
-    swaps, cycle = 0, 0
-    for cycle in range(cycles):
-        r, p = regrow[:, cycle], prune[:, cycle]
-        after = error - grow[rows, r] + drop[rows, p]
-        active = active & (cycle < n_regrow) & (cycle < n_prune) & (error.abs() > config.threshold)
-        active = active & (torch.sign(after) == direction)
-        if not bool(active.any()):
+    depth = min(config.max_cycles, keep.shape[1])
+    regrowing = _regrowing_ends(contrib, keep, window_var, config.var_power, depth)
+    pruning, n_kept = _pruning_ends(contrib, keep, wanda, depth)
+    regrow_at = torch.zeros(keep.shape[0], 2, dtype=torch.long, device=keep.device)  # next entry, per list end
+    prune_at = torch.zeros_like(regrow_at)
+    live = torch.ones_like(error, dtype=torch.bool)
+    swaps, cycles = 0, 0
+    for _ in range(config.max_cycles):
+        cycles += 1
+        regrow_end, prune_end = (error > 0).long(), (error < 0).long()
+        r, r_at = _read(regrowing, regrow_at, regrow_end, rows)
+        p, p_at = _read(pruning, prune_at, prune_end, rows)
+        after = error + contrib[rows, p] - contrib[rows, r]
+        live = live & (error.abs() > config.threshold)
+        if config.same_sign:
+            live = live & (torch.sign(after) == initial_sign)
+        real = (r_at < depth) & (p_at < torch.clamp_max(n_kept, depth)) & ~keep[rows, r] & keep[rows, p]
+        live = live & real
+        if not bool(live.any()):
             break
-        hit = rows[active]
-        keep[hit, r[active]] = True
-        keep[hit, p[active]] = False
-        error = torch.where(active, after, error)
-        swaps += int(active.sum())
-    return SwapResult(keep, before, error, swaps, cycle + 1)
+        hit = rows[live]
+        keep[hit, r[live]] = True
+        keep[hit, p[live]] = False
+        error = torch.where(live, after, error)
+        regrow_at[rows, regrow_end] += live
+        prune_at[rows, prune_end] += live
+        swaps += int(live.sum())
+    return SwapResult(keep, before, error, swaps, cycles)
 
 
 def dsnot_nm(
@@ -194,39 +272,48 @@ def dsnot_nm(
 ) -> SwapResult:
     """DSnoT for N:M masks: a weight regrown in a group of M replaces that group's lowest-Wanda kept weight.
 
-    Pure. Every group keeps exactly its N kept weights; a weight regrown during the run is never pruned again.
+    Pure. Rows stop at their first sign change of the error unless ``config.same_sign is False``. Every group keeps
+    exactly its N kept weights; a weight regrown during the run is never pruned again.
     """
     check(pattern.structured, f"dsnot_nm needs an N:M pattern, got {pattern}")
     pattern.validate_width(keep.shape[1])
     keep = keep.clone().bool()
-    grow, drop, error, wanda = _setup(w_dense, w_sparse, keep, window_sum, sq_norm)
+    contrib, error, wanda = _contributions(w_dense, w_sparse, keep, window_sum, sq_norm)
     before = error.clone()
-    direction = torch.sign(error)
+    initial_sign = torch.sign(error)
+    same_sign = config.same_sign is not False
     rows = torch.arange(keep.shape[0], device=keep.device)
-    cycles = min(config.max_cycles, keep.shape[1])
-    regrow, n_regrow = _regrow_order(grow, keep, window_var, direction, config.var_power, cycles)
+    depth = min(config.max_cycles, keep.shape[1])
+    regrowing = _regrowing_ends(contrib, keep, window_var, config.var_power, depth)
+    regrow_at = torch.zeros(keep.shape[0], 2, dtype=torch.long, device=keep.device)
     prunable = keep.clone()  # kept at the start and not pruned since: the only weights a swap may prune
     offsets = torch.arange(pattern.m, device=keep.device)
-    active = direction != 0
-    swaps, cycle = 0, 0
-    for cycle in range(cycles):
-        r = regrow[:, cycle]
+    live = torch.ones_like(error, dtype=torch.bool)
+    swaps, cycles = 0, 0
+    for _ in range(config.max_cycles):
+        cycles += 1
+        regrow_end = (error > 0).long()
+        r, r_at = _read(regrowing, regrow_at, regrow_end, rows)
         group = (r - r % pattern.m).unsqueeze(1) + offsets  # (rows, M) columns of r's group
         eligible = prunable.gather(1, group)
         scores = wanda.gather(1, group).masked_fill(~eligible, float("inf"))
         p = group[rows, scores.argmin(dim=1)]
-        after = error - grow[rows, r] + drop[rows, p]
-        active = active & (cycle < n_regrow) & eligible.any(dim=1) & (error.abs() > config.threshold)
-        active = active & (torch.sign(after) == direction)
-        if not bool(active.any()):
+        after = error + contrib[rows, p] - contrib[rows, r]
+        live = live & (error.abs() > config.threshold)
+        if same_sign:
+            live = live & (torch.sign(after) == initial_sign)
+        real = (r_at < depth) & ~keep[rows, r] & eligible.any(dim=1)
+        live = live & real
+        if not bool(live.any()):
             break
-        hit = rows[active]
-        keep[hit, r[active]] = True
-        keep[hit, p[active]] = False
-        prunable[hit, p[active]] = False
-        error = torch.where(active, after, error)
-        swaps += int(active.sum())
-    return SwapResult(keep, before, error, swaps, cycle + 1)
+        hit = rows[live]
+        keep[hit, r[live]] = True
+        keep[hit, p[live]] = False
+        prunable[hit, p[live]] = False
+        error = torch.where(live, after, error)
+        regrow_at[rows, regrow_end] += live
+        swaps += int(live.sum())
+    return SwapResult(keep, before, error, swaps, cycles)
 
 
 @torch.no_grad()

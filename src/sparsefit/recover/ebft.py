@@ -27,7 +27,7 @@ from sparsefit.models.adapters import prunable_layers, weight_matrix
 from sparsefit.recover.base import BlockwiseMethod
 from sparsefit.recover.report import ebft_markdown, ebft_plot_png
 from sparsefit.recover.training import FitConfig, train_loop
-from sparsefit.walk.masks import block_masks
+from sparsefit.walk.masks import block_masks, mask_gradients
 from sparsefit.walk.targets import TARGETS
 from sparsefit.walk.walker import BlockContext, BlockStep
 
@@ -68,19 +68,15 @@ def _trainable(block: nn.Module, masks: dict[str, torch.Tensor], train_norms: bo
     """Freeze everything, then unfreeze the masked linear weights (and biases) and, optionally, norms."""
     layers = prunable_layers(block)
     params: list[nn.Parameter] = []
-    hooks = []
     for param in block.parameters():
         param.requires_grad_(False)
-    for name, layer in layers.items():
-        keep = masks[name].to(layer.weight.device)
-        # Conv1D stores (in, out): orient the mask like the stored weight.
-        stored_keep = keep if layer.weight.shape == keep.shape else keep.t()
+    for layer in layers.values():
         layer.weight.requires_grad_(True)
-        hooks.append(layer.weight.register_hook(lambda grad, m=stored_keep: grad * m))
         params.append(layer.weight)
         if getattr(layer, "bias", None) is not None:
             layer.bias.requires_grad_(True)
             params.append(layer.bias)
+    hooks = mask_gradients(layers, masks)
     if train_norms:
         linear_params = {id(p) for layer in layers.values() for p in layer.parameters()}
         for module in block.modules():
@@ -122,6 +118,7 @@ class BlockFit:
     time_s: float = 0.0
     tokens_per_s: float = 0.0
     flops: float = 0.0
+    relative_change: float = 0.0  # ||W_after - W_before|| / ||W_before|| over the block's linear weights
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -169,6 +166,7 @@ def fine_tune_block(
     fit = BlockFit(initial_loss=evaluate(train_x, train_y), final_loss=0.0, initial_heldout=evaluate(held_x, held_y),
                    final_heldout=None)  # fmt: skip
     params, hooks, layers = _trainable(block, masks, config.train_norms)
+    start = {name: weight_matrix(layer).detach().clone() for name, layer in layers.items()}
     steps = math.ceil(n_train / config.batch_size) * config.epochs
     try:
         log = train_loop(
@@ -195,6 +193,10 @@ def fine_tune_block(
     fit.flops = 6.0 * dense_weights * trained_tokens
     fit.final_loss = evaluate(train_x, train_y)
     fit.final_heldout = evaluate(held_x, held_y)
+    with torch.no_grad():  # how far the linear weights moved, relative to where they started
+        moved = sum(float((weight_matrix(layers[n]).float() - w.float()).square().sum()) for n, w in start.items())
+        size = sum(float(w.float().square().sum()) for w in start.values())
+    fit.relative_change = math.sqrt(moved / size) if size else 0.0
     return fit
 
 

@@ -35,8 +35,10 @@ class FitConfig:
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
-    clip: float = 1.0
+    clip: float = 1.0  # gradient-norm clipping over the trained (masked) gradients; 0: none
     warmup: float = 0.0  # share of the steps with a linear warm-up; then linear decay to zero
+    warmup_steps: int = 0  # or a number of warm-up steps (the larger of the two counts)
+    micro_batch: int = 0  # windows per forward/backward, gradients accumulated over the batch (0: the whole batch)
     heldout: int = 0  # calibration windows kept out of training, for the held-out loss after each epoch
     early_stop: int = 0  # stop after this many epochs without held-out improvement and keep the best (0: never)
     seed: int = 0
@@ -48,8 +50,12 @@ class FitConfig:
         check(self.weight_decay >= 0, f"{name} weight decay {self.weight_decay} must be >= 0")
         betas_ok = 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1
         check(betas_ok, f"{name} betas ({self.beta1}, {self.beta2}) must be in [0, 1)")
-        check(self.clip > 0, f"{name} clip {self.clip} must be > 0")
+        check(self.clip >= 0, f"{name} clip {self.clip} must be >= 0 (0: no clipping)")
         check(0 <= self.warmup < 1, f"{name} warmup {self.warmup} must be a share of the steps in [0, 1)")
+        check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+              f"{name} warmup steps {self.warmup_steps!r} must be an integer >= 0")  # fmt: skip
+        check(isinstance(self.micro_batch, int) and self.micro_batch >= 0,
+              f"{name} micro batch {self.micro_batch!r} must be an integer >= 0 (0: the whole batch)")  # fmt: skip
         heldout_ok = isinstance(self.heldout, int) and self.heldout >= 0
         check(heldout_ok, f"{name} held-out windows {self.heldout} must be >= 0")
         check(self.early_stop >= 0, f"{name} early stop patience {self.early_stop} must be >= 0")
@@ -159,7 +165,7 @@ def train_loop(
     optimizer = torch.optim.AdamW(
         params, lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
     )
-    warmup_steps = int(config.warmup * steps)
+    warmup_steps = min(steps, max(int(config.warmup * steps), config.warmup_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, warmup_steps))
     per_epoch = max(1, math.ceil(n_train / config.batch_size))
     torch.manual_seed(seed)  # dropout (LoRA) draws from the global generator
@@ -171,21 +177,32 @@ def train_loop(
         for step, index in enumerate(batch_order(n_train, config.batch_size, steps, seed)):
             if step % per_epoch == 0:
                 module.train()
-            loss = loss_of(index)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.clip)
+            if config.micro_batch and config.micro_batch < index.numel():
+                # Gradient accumulation: the batch's mean loss, in micro-batches that fit in memory.
+                optimizer.zero_grad(set_to_none=True)
+                value = 0.0
+                for chunk in index.split(config.micro_batch):
+                    part = loss_of(chunk) * (chunk.numel() / index.numel())
+                    part.backward()
+                    value += part.item()
+            else:
+                loss = loss_of(index)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                value = loss.item()
+            if config.clip:
+                torch.nn.utils.clip_grad_norm_(params, config.clip)
             optimizer.step()
             scheduler.step()
             if after_step is not None:
                 after_step()
             log.steps += 1
             log.windows += index.numel()
-            running += loss.item() * index.numel()
+            running += value * index.numel()
             in_epoch += index.numel()
             epoch_done = (step + 1) % per_epoch == 0 or step + 1 == steps
             if progress is not None:
-                progress(done=step + 1, note=f"loss {loss.item():.4g}")
+                progress(done=step + 1, note=f"loss {value:.4g}")
             if not epoch_done:
                 continue
             log.curve.append(running / in_epoch)

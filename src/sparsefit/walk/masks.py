@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from sparsefit.errors import UsageError
-from sparsefit.models.adapters import get_adapter, prunable_layers, weight_matrix
+from sparsefit.models.adapters import get_adapter, prunable_layers, weight_matrix, weight_orientation
 
 Masks = dict[str, torch.Tensor]
 
@@ -55,6 +55,22 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
                 f"mask of {name!r} has shape {list(keep.shape)} but the weight is {list(weight.shape)} (out, in)"
             )
         weight.masked_fill_(~keep.to(device=weight.device, dtype=torch.bool), 0)
+
+
+def mask_gradients(layers: Mapping[str, nn.Module], masks: Mapping[str, torch.Tensor]) -> list:
+    """Hooks that zero the gradient of every pruned weight of ``layers`` (by the same names as ``masks``).
+
+    Masked before any clipping or optimizer step sees them, so a gradient norm counts only the kept weights and
+    a pruned weight with zero moments stays exactly zero under AdamW. The mask is oriented like the stored weight
+    by the layer's type (GPT-2's Conv1D stores (in, out)), never by comparing shapes: a square Conv1D has the same
+    shape either way. Returns the hook handles; remove them when training ends.
+    """
+    handles = []
+    for name, layer in layers.items():
+        keep = masks[name].to(layer.weight.device)
+        stored_keep = keep.t() if weight_orientation(layer) == "in_out" else keep
+        handles.append(layer.weight.register_hook(lambda grad, m=stored_keep: grad * m))
+    return handles
 
 
 def same_zeros(model: nn.Module, masks: Masks) -> bool:

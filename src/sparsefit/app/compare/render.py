@@ -50,7 +50,10 @@ def _notes(result: dict) -> list[str]:
     what = f"{s['pattern']}" if s["pattern"] != "unstructured" else f"{s['sparsity']:.0%} unstructured"
     notes = [
         f"model `{result['model']}`, {s['prune']} {what}; calibration `{s['calib']}` {s['nsamples']} x {s['seqlen']} "
-        f"tokens (seed {s['seed']}), the same windows and masks for every method",
+        f"tokens (seed {s['seed']}), the same windows for every method",
+        "interleaved (the mode of record): a block-wise method (DSnoT, EBFT) prunes and recovers each block in turn, "
+        "its masks and statistics from its own recovered inputs, time and memory including that pruning; two-step "
+        "and the whole-model methods: on the one set of masks of `none`",
         f"budget: {s['budget_tokens']:,} {s['budget_note']}",
         f"perplexity: windows of {s['eval_seqlen']} tokens, first {_fmt(s['eval_max_tokens'])} test tokens per corpus",
         "gap closed: (pruned - method) / (pruned - dense) in perplexity (lin) and in log-perplexity (log)",
@@ -64,7 +67,7 @@ def _notes(result: dict) -> list[str]:
             notes.append(f"{name} failed: {entry.get('error')}")
         if entry.get("teacher_restored"):
             notes.append(f"{name} changed the dense teacher; it was reloaded before the next method")
-        if entry.get("status") == "ok" and entry.get("masks_kept") is False and name != "dsnot":
+        if entry.get("status") == "ok" and entry.get("masks_kept") is False and not name.startswith("dsnot"):
             notes.append(f"{name} changed the zero positions of the masks")
     return notes
 

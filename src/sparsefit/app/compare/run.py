@@ -27,7 +27,15 @@ from torch import nn
 from sparsefit.app import defaults
 from sparsefit.app.compare.memory import PeakMemory, release_memory
 from sparsefit.app.compare.render import compare_html, compare_markdown
-from sparsefit.app.jobs import choose_method, evaluate_model, parse_list, recovery_files, save_run, versions
+from sparsefit.app.jobs import (
+    choose_method,
+    evaluate_model,
+    parse_list,
+    prune_interleaved,
+    recovery_files,
+    save_run,
+    versions,
+)
 from sparsefit.app.reports import gap_closed
 from sparsefit.atomic import check_output, write_atomically
 from sparsefit.data import calibration_windows, get_corpus
@@ -40,6 +48,7 @@ from sparsefit.walk import resolve_device
 from sparsefit.walk.masks import model_masks, same_zeros
 
 NONE = "none"
+MODES = ("interleaved", "two-step", "both")
 
 
 def parse_methods(methods: str | Sequence[str]) -> list[str]:
@@ -134,6 +143,7 @@ def run_compare(
     method_options: dict[str, dict] | None = None,
     overwrite: bool = False,
     keep: bool = False,
+    mode: str = "interleaved",
     log: Callable[[str], None] | None = None,
     progress: Bar = silent,
 ) -> dict:
@@ -144,12 +154,15 @@ def run_compare(
     options its config accepts (e.g. ``{"lora": {"lr": 3e-4}}``). ``log(message)`` reports progress;
     ``progress`` gets the bars of pruning, each method and each evaluation. ``keep``: also write each method's
     model as a run folder ``out/<method>/`` (the pruned one as ``out/none/``). Every argument is checked before
-    any work.
+    any work. ``mode``: ``interleaved`` (block-wise methods prune and recover each block in turn, as their
+    references do; time and memory then include their own pruning) or ``two-step`` (every method on the one set of
+    masks), or ``both`` (block-wise methods twice: interleaved, and a ``<name> two-step`` row beside it).
     Returns the ``compare.json`` content.
     """
     say = log or (lambda message: None)
     # --- every check before any work -----------------------------------------------------------------------
     names = parse_methods(methods)
+    check(mode in MODES, f"compare mode {mode!r} is not one of {', '.join(MODES)}")
     prune_config = PruneConfig(method=prune, sparsity=sparsity, pattern=pattern, calib=calib, nsamples=nsamples,
                                seqlen=seqlen, seed=seed, batch_size=batch_size, device=device)  # fmt: skip
     prune_config.validate()
@@ -226,12 +239,20 @@ def run_compare(
     reference = _fingerprint(teacher)
 
     # --- every method on its own copy of the pruned model -----------------------------------------------
+    runs = []  # (entry label, method name, own walk)
     for name in names:
         if name == NONE:
             continue
+        if recovery[name].blockwise and mode in ("interleaved", "both"):
+            runs.append((name, name, True))
+        if not recovery[name].blockwise or mode != "interleaved":
+            runs.append((f"{name} two-step" if recovery[name].blockwise and mode == "both" else name, name, False))
+    for label, name, own_walk in runs:
         method = recovery[name]
-        say(f"recovering with {name}")
-        student = copy.deepcopy(pruned)
+        # Interleaved (the mode of record): a block-wise method prunes and recovers each block in turn from the
+        # dense model, as its reference code does, so it gets the masks it would get on its own.
+        say(f"recovering with {label}" + (" (interleaved: pruning again with it)" if own_walk else ""))
+        student = copy.deepcopy(teacher if own_walk else pruned)
         meter = PeakMemory(device_)
         eval_s = [0.0]
 
@@ -251,7 +272,12 @@ def run_compare(
         started = time.perf_counter()
         try:
             with meter:
-                report = method.run(ctx, configs[name])
+                if own_walk:
+                    config = method.with_budget(configs[name], ctx.budget_tokens, nsamples, seqlen)
+                    walked = prune_interleaved(student, calib_ids, prune_config, method, config, progress=progress)
+                    report = method.summarize(config, walked["blocks"], student)
+                else:
+                    report = method.run(ctx, configs[name])
             entry["time_s"] = round(time.perf_counter() - started - eval_s[0], 2)
             entry["peak_mem_mb"] = meter.peak_mb
             student.to("cpu")
@@ -260,7 +286,8 @@ def run_compare(
             entry["trainable_params"] = int(report.get("trainable_params", 0))
             entry["tokens_per_block"] = tokens_per_block(report, nsamples, seqlen)
             entry["sparsity"] = final["overall"]
-            entry["masks_kept"] = same_zeros(student, masks)
+            entry["masks_kept"] = None if own_walk else same_zeros(student, masks)
+            entry["mode"] = "interleaved" if own_walk else "two-step"
             if parsed.structured:
                 entry["pattern_ok"] = final.get("pattern_ok")
             if name == "lora" and "unmerged" in report:
@@ -271,14 +298,15 @@ def run_compare(
                        "config": {**prune_config.to_dict(), "dtype": dtype},
                        "recovery": {"method": name, **configs[name].to_dict()}, "versions": versions(),
                        "results": {"sparsity": final["overall"], "ppl": entry["ppl"]}}  # fmt: skip
-                save_run(kept / name, student, tokenizer, run, final, extra_files=recovery_files(method, report))
+                save_run(kept / label.replace(" ", "-"), student, tokenizer, run, final,
+                         extra_files=recovery_files(method, report))  # fmt: skip
         except Exception as exc:  # one method's failure must not cost the others their results
             entry = {
                 "status": "failed", "error": _first_line(exc), "ppl": {}, "gap_closed": {}, "gap_closed_log": {},
                 "time_s": round(time.perf_counter() - started - eval_s[0], 2), "peak_mem_mb": meter.peak_mb,
                 "trainable_params": None, "sparsity": None,
             }  # fmt: skip
-            say(f"{name} failed: {entry['error']}")
+            say(f"{label} failed: {entry['error']}")
         teacher.to("cpu")
         teacher.requires_grad_(False)
         if not torch.equal(_fingerprint(teacher), reference):
@@ -286,7 +314,7 @@ def run_compare(
             entry["teacher_restored"] = True
             teacher = load(model, dtype=dtype_).model
             teacher.requires_grad_(False)
-        entries[name] = entry
+        entries[label] = entry
         del student, ctx
         release_memory()
 
