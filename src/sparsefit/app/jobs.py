@@ -150,12 +150,12 @@ def choose_method(
     ``seed`` is the run's seed, used when the method has one and the options do not set it.
     """
     method = get_method(name)
+    if resume and not method.blockwise:
+        raise UsageError(f"--resume continues block-wise methods; {name} trains the whole model, run it again")
     options = dict(options)
     if seed is not None and "seed" in method.accepted():
         options.setdefault("seed", seed)
     config = method.configure(options, n_windows, device)
-    if resume and not method.blockwise:
-        raise UsageError(f"--resume continues block-wise methods; {name} trains the whole model, run it again")
     reason = method.supports(parse_pattern(pattern))
     check(reason is None, f"{name} cannot recover a {pattern} model: {reason}")
     return method, config
