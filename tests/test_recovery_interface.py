@@ -175,3 +175,11 @@ def test_micro_batches_accumulate_to_the_whole_batch_step_and_warmup_counts_step
         results.append((module.weight.detach().clone(), log.curve))
     (w_full, curve_full), (w_micro, curve_micro) = results
     assert torch.allclose(w_full, w_micro, atol=1e-6) and curve_full == pytest.approx(curve_micro, rel=1e-5)
+
+
+def test_methods_command_lists_every_method_with_its_presets(monkeypatch, capsys):
+    assert cli(monkeypatch, "methods") == 0
+    err = capsys.readouterr().err  # rich tables go to stderr with the progress bars
+    for name in METHODS:
+        assert f"{name}:" in err, name
+    assert "same_sign" in err and "micro_batch" in err and "paper" in err and "cpu" in err

@@ -315,6 +315,28 @@ def export(
 
 
 @app.command()
+def methods() -> None:
+    """Every recovery method: how it works, its presets, and each option with its value in each preset."""
+    from dataclasses import fields
+
+    from sparsefit.recover import METHODS
+
+    for name, cls in METHODS.items():
+        method = cls()
+        presets = method.presets
+        kind = "block-wise (prune --recover, recover, --resume)" if method.blockwise else "whole model (recover, run)"
+        rows = [[f.name, *(_cell(getattr(config, f.name)) for config in presets.values())]
+                for f in fields(next(iter(presets.values())))]  # fmt: skip
+        _echo_table(f"{name}: {kind}; preset auto = cpu on a CPU, paper on a GPU", ["option", *presets], rows)
+
+
+def _cell(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return "auto" if value is None else str(value)  # e.g. SquareHead's lr: from the reference's table
+
+
+@app.command()
 def info(run_dir: Path = typer.Argument(..., help="a run folder or checkpoint folder")) -> None:
     """Sparsity per layer and the N:M pattern check."""
     from sparsefit.models import load
