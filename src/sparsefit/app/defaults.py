@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from sparsefit.prune.run import PruneConfig
+from sparsefit.recover.base import AUTO
 
 # `sparsefit prune` / `recover`: Wanda 50 %, 128 x 512-token windows of the built-in `wiki` corpus.
 PRUNE = PruneConfig()
@@ -16,7 +17,7 @@ PRUNE = PruneConfig()
 QUICK = replace(PRUNE, nsamples=32, seqlen=256)
 
 RECOVER_METHOD = "ebft"
-PRESET = "auto"
+PRESET = AUTO  # cpu on a CPU, paper on a GPU
 
 EVAL_CORPORA = ("wiki", "books")
 EVAL_SEQLEN = 1024

@@ -145,17 +145,11 @@ def choose_method(
     name: str, options: dict, n_windows: int, device: torch.device, *, pattern: str = "unstructured",
     seed: int | None = None, resume: bool = False,
 ) -> tuple[RecoveryMethod, object]:  # fmt: skip
-    """``(method, config)`` with every option checked, before any model is loaded.
-
-    ``seed`` is the run's seed, used when the method has one and the options do not set it.
-    """
+    """``(method, config)`` with every option checked, before any model is loaded."""
     method = get_method(name)
     if resume and not method.blockwise:
         raise UsageError(f"--resume continues block-wise methods; {name} trains the whole model, run it again")
-    options = dict(options)
-    if seed is not None and "seed" in method.accepted():
-        options.setdefault("seed", seed)
-    config = method.configure(options, n_windows, device)
+    config = method.configure(options, n_windows, device, seed=seed)
     reason = method.supports(parse_pattern(pattern))
     check(reason is None, f"{name} cannot recover a {pattern} model: {reason}")
     return method, config
@@ -348,8 +342,7 @@ def run_recover(
         "results": results,
     }
     if method.blockwise:
-        blocks = len(report.get("blocks", []))
-        run["progress"] = {"blocks_done": blocks, "blocks_total": blocks}
+        run["progress"] = {"blocks_done": len(report.get("blocks", []))}
     save_run(out, sparse.model, sparse.tokenizer, run, sparsity, overwrite=overwrite,
              extra_files=recovery_files(method, report))  # fmt: skip
     if checkpoint is not None:

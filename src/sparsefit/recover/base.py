@@ -75,11 +75,18 @@ class RecoveryMethod:
         """Every option name ``configure`` accepts."""
         return ["preset", *(f.name for f in fields(next(iter(self.presets.values()))))]
 
-    def configure(self, options: dict, n_windows: int | None = None, device: torch.device | None = None):
-        """The method's config from ``options`` (a preset name and overrides); UsageError on a bad option."""
+    def configure(
+        self, options: dict, n_windows: int | None = None, device: torch.device | None = None, seed: int | None = None
+    ):
+        """The method's config from ``options`` (a preset name and overrides); UsageError on a bad option.
+
+        ``seed`` is the run's seed, used when the method has one and the options do not set it.
+        """
         options = self.normalize(dict(options))
-        if options.get("preset") in (None, AUTO):
-            options["preset"] = self.preset_for(device)
+        if options.get("preset") == AUTO:
+            options["preset"] = None  # make_config's default: the preset for this device
+        if seed is not None and "seed" in self.accepted():
+            options.setdefault("seed", seed)
         config = make_config(self.name, self.presets, options, default=self.preset_for(device))
         config.validate(self.name, n_windows)
         return config
@@ -123,10 +130,7 @@ class RecoveryMethod:
 
     def _config(self, ctx: RecoveryContext, config):
         if config is None:
-            options = dict(ctx.options)
-            if "seed" in self.accepted():
-                options.setdefault("seed", ctx.seed)
-            config = self.configure(options, ctx.calib_ids.shape[0], ctx.device)
+            config = self.configure(ctx.options, ctx.calib_ids.shape[0], ctx.device, seed=ctx.seed)
         return config
 
 

@@ -43,7 +43,7 @@ from sparsefit.errors import check
 from sparsefit.models import load, parse_dtype
 from sparsefit.progress import Bar, silent
 from sparsefit.prune import PruneConfig, check_pattern_fits, parse_pattern, prune_model, sparsity_summary
-from sparsefit.recover import METHODS, RecoveryContext, get_method
+from sparsefit.recover import METHODS, RecoveryContext
 from sparsefit.walk import resolve_device
 from sparsefit.walk.masks import model_masks, same_zeros
 
@@ -170,11 +170,10 @@ def run_compare(
     method_options = dict(method_options or {})
     stray = sorted(set(method_options) - set(names))
     check(not stray, f"options given for method(s) {', '.join(stray)} that are not in --methods ({', '.join(names)})")
-    recovery = {name: get_method(name) for name in names if name != NONE}
-    options = {name: _options_for(name, method_options) for name in recovery}
+    options = {name: _options_for(name, method_options) for name in names if name != NONE}
     device_ = resolve_device(device)
-    configs = {}
-    for name in recovery:
+    recovery, configs = {}, {}
+    for name in options:
         recovery[name], configs[name] = choose_method(name, options[name], nsamples, device_, pattern=pattern,
                                                       seed=seed)  # fmt: skip
     eval_corpora = parse_list(list(corpora) if not isinstance(corpora, str) else corpora)
