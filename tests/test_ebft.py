@@ -144,7 +144,7 @@ def test_gpt2_conv1d_masks_stay_fixed():
 
 def test_square_conv1d_mask_is_oriented_by_layer_type_not_shape():
     """GPT-2's attn.c_proj is a square Conv1D stored (in, out): a shape test cannot tell its orientation."""
-    from sparsefit.recover.ebft import _trainable
+    from sparsefit.recover.ebft import EBFTConfig, _trainable
 
     model = make_tiny_model("gpt2")
     prune_model(model, IDS, PruneConfig(method="magnitude", sparsity=0.5, device="cpu", nsamples=8, seqlen=32))
@@ -152,7 +152,7 @@ def test_square_conv1d_mask_is_oriented_by_layer_type_not_shape():
     masks = block_masks(ctx.block)
     layer = ctx.block.attn.c_proj
     assert layer.weight.shape[0] == layer.weight.shape[1]  # square: the case a shape comparison gets wrong
-    params, hooks, _ = _trainable(ctx.block, masks, train_norms=False)
+    _groups, hooks, _ = _trainable(ctx.block, masks, EBFTConfig(train_norms=False))
     ctx.forward(ctx.inputs[:4]).square().mean().backward()
     for hook in hooks:
         hook.remove()

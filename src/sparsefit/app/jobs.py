@@ -173,9 +173,10 @@ def prune_interleaved(
     steps_before, recover_steps, keep_dense = [], [], False
     if method is not None:
         target = method.target(method_config)
-        if target == "dense-path" or method.needs_teacher_block:
+        keep_block = method.needs_teacher_block(method_config)
+        if target == "dense-path" or keep_block:
             steps_before = [TeacherStep(None, target="dense-path" if target == "dense-path" else None,
-                                        keep_block=method.needs_teacher_block)]  # fmt: skip
+                                        keep_block=keep_block)]  # fmt: skip
         recover_steps = method.block_steps(method_config, parse_pattern(config.pattern))
         keep_dense = target == "sparse-path"
     return prune_model(model, calib, config, steps_before=steps_before, recover_steps=recover_steps,

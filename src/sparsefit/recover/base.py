@@ -138,7 +138,9 @@ class BlockwiseMethod(RecoveryMethod):
     """A method that works one block at a time through the block driver."""
 
     blockwise = True
-    needs_teacher_block = False  # True: its steps read ``ctx.teacher_block`` (the dense block)
+    def needs_teacher_block(self, config) -> bool:
+        """True when its steps read ``ctx.teacher_block`` (the dense block) with this config."""
+        return False
 
     def target(self, config) -> str | None:
         """The reconstruction target its steps need in ``ctx.dense_outputs`` (None: none)."""
@@ -157,7 +159,7 @@ class BlockwiseMethod(RecoveryMethod):
         config = self.with_budget(config, ctx.budget_tokens, n_windows, seqlen)
         check_teacher(ctx.model, ctx.teacher)
         self.check(ctx.model, config)
-        steps = [TeacherStep(ctx.teacher, target=self.target(config), keep_block=self.needs_teacher_block),
+        steps = [TeacherStep(ctx.teacher, target=self.target(config), keep_block=self.needs_teacher_block(config)),
                  *self.block_steps(config, ctx.pattern)]  # fmt: skip
         result = run_blocks(ctx.model, ctx.calib_ids, steps, device=ctx.device, batch_size=ctx.batch_size,
                             checkpoint=ctx.checkpoint, resume=ctx.resume, progress=ctx.progress,

@@ -381,7 +381,9 @@ class DSnoT(BlockwiseMethod):
     name = "dsnot"
     trains = False
     presets = PRESETS
-    needs_teacher_block = True
+
+    def needs_teacher_block(self, config) -> bool:
+        return True
 
     def supports(self, pattern: Pattern) -> str | None:
         return None  # unstructured and N:M (swaps stay inside each group)

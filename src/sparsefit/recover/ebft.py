@@ -22,16 +22,19 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
-from sparsefit.errors import check
-from sparsefit.models.adapters import prunable_layers, weight_matrix
+from sparsefit.errors import UsageError, check
+from sparsefit.models.adapters import is_prunable, prunable_layers, weight_matrix
 from sparsefit.recover.base import BlockwiseMethod
 from sparsefit.recover.report import ebft_markdown, ebft_plot_png
-from sparsefit.recover.training import FitConfig, train_loop
+from sparsefit.recover.training import FitConfig, flat_params, train_loop
 from sparsefit.walk.masks import block_masks, mask_gradients
 from sparsefit.walk.targets import TARGETS
-from sparsefit.walk.walker import BlockContext, BlockStep
+from sparsefit.walk.walker import BlockContext, BlockStep, call_block
 
 AUTOCAST = ("auto", "none", "bf16")
+
+
+WINDOWS = ("sub-block", "block")  # or a number of consecutive blocks, e.g. 2 or 4
 
 
 @dataclass
@@ -39,20 +42,41 @@ class EBFTConfig(FitConfig):
     """Hyper-parameters; the defaults are the official code's (README lr, not the code's 0.01)."""
 
     lr: float = 2e-4
-    weight_decay: float = 0.1
+    weight_decay: float = 0.1  # on the linear weights only: norms and biases take none (see _trainable)
     beta1: float = 0.9
     beta2: float = 0.95
     clip: float = 1.0
     epochs: int = 10
     batch_size: int = 8
     train_norms: bool = True
+    train_biases: bool = True
     target: str = "sparse-path"
+    # The reconstruction window: "block" (EBFT), "sub-block" (the attention part, then the MLP part, each
+    # against the dense block's output at that point), or N consecutive blocks trained together against
+    # the dense output of the last (Roux et al. 2025).
+    window: str = "block"
+    retries: int = 2  # a fit that ends no better than it began is redone at a quarter of the rate, this often
     autocast: str = "auto"  # auto: bf16 autocast on CUDA, float32 elsewhere; or "none", "bf16"
 
     def validate(self, name: str = "ebft", n_windows: int | None = None) -> None:
         super().validate(name, n_windows)
         check(self.target in TARGETS, f"{name} target {self.target!r} is not one of {', '.join(TARGETS)}")
         check(self.autocast in AUTOCAST, f"{name} autocast {self.autocast!r}: use {', '.join(AUTOCAST)}")
+        check(isinstance(self.retries, int) and self.retries >= 0, f"{name} retries {self.retries!r} must be >= 0")
+        self.window_blocks()
+        check(not (self.window == "sub-block" and self.target != "sparse-path"),
+              f"{name} window sub-block takes the sparse-path target only, not {self.target!r}")  # fmt: skip
+
+    def window_blocks(self) -> int:
+        """Blocks per reconstruction window: 0 for a sub-block window, 1 for EBFT's, N for N blocks."""
+        text = str(self.window)
+        if text == "sub-block":
+            return 0
+        if text == "block":
+            return 1
+        if text.isdigit() and int(text) >= 1:
+            return int(text)
+        raise UsageError(f"ebft window {self.window!r} is not one of sub-block, block or a number of blocks (2, 4)")
 
 
 PRESETS: dict[str, EBFTConfig] = {
@@ -64,28 +88,36 @@ PRESETS: dict[str, EBFTConfig] = {
 }
 
 
-def _trainable(block: nn.Module, masks: dict[str, torch.Tensor], train_norms: bool):
-    """Freeze everything, then unfreeze the masked linear weights (and biases) and, optionally, norms."""
-    layers = prunable_layers(block)
-    params: list[nn.Parameter] = []
-    for param in block.parameters():
+def _is_norm(module: nn.Module) -> bool:
+    return "norm" in type(module).__name__.lower() or isinstance(module, nn.LayerNorm)
+
+
+def _trainable(module: nn.Module, masks: dict[str, torch.Tensor], config: EBFTConfig,
+               include: Callable[[str], bool] = lambda name: True):  # fmt: skip
+    """Freeze everything, then unfreeze the masked linear weights (biases, norms) whose names ``include`` takes.
+
+    Two AdamW groups: the linear weights take the weight decay; norms and biases take none. The official
+    code decays every trained tensor, which pulls a Llama norm's scale towards 0 (a Gemma norm, stored as
+    an offset ``x * (1 + w)``, towards 1): a deliberate difference, measured in bench/quality.py.
+    """
+    layers = {name: layer for name, layer in prunable_layers(module).items() if include(name)}
+    for param in module.parameters():
         param.requires_grad_(False)
+    weights, others = [], []
     for layer in layers.values():
-        layer.weight.requires_grad_(True)
-        params.append(layer.weight)
-        if getattr(layer, "bias", None) is not None:
-            layer.bias.requires_grad_(True)
-            params.append(layer.bias)
-    hooks = mask_gradients(layers, masks)
-    if train_norms:
-        linear_params = {id(p) for layer in layers.values() for p in layer.parameters()}
-        for module in block.modules():
-            if "norm" in type(module).__name__.lower() or isinstance(module, nn.LayerNorm):
-                for param in module.parameters(recurse=False):
-                    if id(param) not in linear_params:
-                        param.requires_grad_(True)
-                        params.append(param)
-    return params, hooks, layers
+        weights.append(layer.weight)
+        if config.train_biases and getattr(layer, "bias", None) is not None:
+            others.append(layer.bias)
+    if config.train_norms:
+        linear = {id(p) for layer in prunable_layers(module).values() for p in layer.parameters()}
+        for name, sub in module.named_modules():
+            if _is_norm(sub) and include(name):
+                others.extend(p for p in sub.parameters(recurse=False) if id(p) not in linear)
+    for param in (*weights, *others):
+        param.requires_grad_(True)
+    hooks = mask_gradients(layers, {name: masks[name] for name in layers})
+    groups = [{"params": weights}, *([{"params": others, "weight_decay": 0.0}] if others else [])]
+    return groups, hooks, layers
 
 
 @torch.no_grad()
@@ -103,7 +135,7 @@ def _mse(forward: Callable, inputs: torch.Tensor, targets: torch.Tensor, batch: 
 
 @dataclass
 class BlockFit:
-    """What one block's fine-tuning did: losses per epoch, time, throughput."""
+    """What one window's fine-tuning did: losses per epoch, time, throughput, and whether it had to back off."""
 
     initial_loss: float
     final_loss: float
@@ -119,6 +151,9 @@ class BlockFit:
     tokens_per_s: float = 0.0
     flops: float = 0.0
     relative_change: float = 0.0  # ||W_after - W_before|| / ||W_before|| over the block's linear weights
+    lr: float = 0.0  # the rate of the fit that was kept
+    attempts: int = 1  # fits run: 1, or more when a fit ended no better than it began and was redone slower
+    reverted: bool = False  # every attempt ended worse: the weights are the pruned ones it started from
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -135,10 +170,17 @@ def fine_tune_block(
     device: torch.device,
     seed: int,
     progress=None,
+    include: Callable[[str], bool] = lambda name: True,
 ) -> BlockFit:
-    """Fit ``forward(inputs) ≈ targets`` by AdamW on the block's masked weights, in the one training loop.
+    """Fit ``forward(inputs) ≈ targets`` by AdamW on the masked weights of ``block``, in the one training loop.
 
+    ``block`` is the module that trains (one decoder block, or a ModuleList of a window's blocks; ``masks``
+    by layer name inside it); ``include`` restricts training to the layers and norms it accepts (a sub-block).
     Inputs/targets stay on the CPU; the last ``config.heldout`` windows are held out.
+
+    Never worse than it began: the loop keeps the best held-out state, the initial one included; a fit that
+    did not improve on its start (held-out loss, or the training loss when nothing is held out) is redone
+    from the start at a quarter of the rate, up to ``config.retries`` times, and else left as it began.
     """
     config.validate(n_windows=inputs.shape[0])
     n_train = inputs.shape[0] - config.heldout
@@ -165,33 +207,53 @@ def fine_tune_block(
 
     fit = BlockFit(initial_loss=evaluate(train_x, train_y), final_loss=0.0, initial_heldout=evaluate(held_x, held_y),
                    final_heldout=None)  # fmt: skip
-    params, hooks, layers = _trainable(block, masks, config.train_norms)
+    groups, hooks, layers = _trainable(block, masks, config, include)
+    trained = flat_params(groups)
+    initial = [p.detach().clone() for p in trained]
     start = {name: weight_matrix(layer).detach().clone() for name, layer in layers.items()}
     steps = math.ceil(n_train / config.batch_size) * config.epochs
+    lr, time_s, attempt = config.lr, 0.0, 0
     try:
-        log = train_loop(
-            block, params, loss_of, n_train, config, steps=steps, seed=seed,
-            heldout_loss=(lambda: evaluate(held_x, held_y)) if held_x.shape[0] else None,
-            initial_heldout=fit.initial_heldout, progress=progress,
-        )  # fmt: skip
+        while True:
+            attempt += 1
+            log = train_loop(
+                block, groups, loss_of, n_train, replace(config, lr=lr), steps=steps, seed=seed,
+                heldout_loss=(lambda: evaluate(held_x, held_y)) if held_x.shape[0] else None,
+                initial_heldout=fit.initial_heldout, progress=progress,
+            )  # fmt: skip
+            time_s += log.time_s
+            with torch.no_grad():
+                for name, layer in layers.items():
+                    weight_matrix(layer).mul_(masks[name].to(layer.weight.device))
+            final_loss = evaluate(train_x, train_y)
+            improved = log.best_epoch != 0 if log.best_epoch is not None else final_loss < fit.initial_loss
+            if improved or attempt > config.retries:
+                break
+            lr /= 4
+            with torch.no_grad():
+                for param, value in zip(trained, initial, strict=True):
+                    param.copy_(value)
+        if not improved:  # every attempt ended worse than the start: keep the start
+            with torch.no_grad():
+                for param, value in zip(trained, initial, strict=True):
+                    param.copy_(value)
+            final_loss = evaluate(train_x, train_y)
     finally:
         for hook in hooks:
             hook.remove()
         for param in block.parameters():
             param.requires_grad_(False)
-    with torch.no_grad():
-        for name, layer in layers.items():
-            weight_matrix(layer).mul_(masks[name].to(layer.weight.device))
     trained_tokens = log.windows * inputs.shape[1]
     fit.train_curve, fit.heldout_curve = log.curve, log.heldout_curve
-    fit.epochs_run, fit.steps, fit.time_s = log.epochs_run, log.steps, log.time_s
+    fit.epochs_run, fit.steps, fit.time_s = log.epochs_run, log.steps, time_s
     fit.best_epoch, fit.stopped_early = log.best_epoch, log.stopped_early
-    fit.tokens_per_s = trained_tokens / fit.time_s if fit.time_s else 0.0
+    fit.lr, fit.attempts, fit.reverted = lr, attempt, not improved
+    fit.tokens_per_s = trained_tokens / log.time_s if log.time_s else 0.0
     # Matmul FLOPs of the linear layers (dense kernels run over the zeros too): 2 forward + 4 backward
     # per weight and token. Attention scores are left out, so this is a lower bound.
     dense_weights = sum(weight_matrix(layer).numel() for layer in layers.values())
-    fit.flops = 6.0 * dense_weights * trained_tokens
-    fit.final_loss = evaluate(train_x, train_y)
+    fit.flops = 6.0 * dense_weights * trained_tokens * attempt
+    fit.final_loss = final_loss
     fit.final_heldout = evaluate(held_x, held_y)
     with torch.no_grad():  # how far the linear weights moved, relative to where they started
         moved = sum(float((weight_matrix(layers[n]).float() - w.float()).square().sum()) for n, w in start.items())
@@ -200,28 +262,188 @@ def fine_tune_block(
     return fit
 
 
+class _SubBlockEnd(Exception):
+    """Raised by a pre-hook to end a block's forward where its MLP part begins, carrying the residual stream."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        self.hidden = hidden
+
+
+def _mlp_part(block: nn.Module, sample: torch.Tensor, kwargs: dict) -> list[str]:
+    """The block's children that make its MLP part, in call order; the first is the norm that reads the residual
+    stream after attention (Llama's ``post_attention_layernorm``, Gemma 3's ``pre_feedforward_layernorm``).
+
+    Found from the order in which the block calls its children, so no architecture needs a table: the MLP is
+    the first child after attention that holds linear layers, and its part begins at the last norm called
+    before it (Gemma 3's post-attention norm, called on the attention output, stays with attention).
+    """
+    order: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda _m, _a, n=name: order.append(n))
+               for name, m in block.named_modules() if name and "." not in name]  # fmt: skip
+    try:
+        with torch.no_grad():
+            call_block(block, sample, kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    attention = next((i for i, n in enumerate(order) if "attn" in n or "attention" in n), None)
+    if attention is not None:
+        mlp = next((i for i in range(attention + 1, len(order))
+                    if not _is_norm(block.get_submodule(order[i])) and prunable_layers(block.get_submodule(order[i]))
+                    or is_prunable(block.get_submodule(order[i]))), None)  # fmt: skip
+        norms = [i for i in range(attention + 1, mlp or 0) if _is_norm(block.get_submodule(order[i]))]
+        if mlp is not None and norms:
+            return order[norms[-1] :]
+    raise UsageError(f"ebft window sub-block: cannot find where the MLP part of {type(block).__name__} begins")
+
+
+def _forward_to(block: nn.Module, module_name: str, kwargs: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The block's forward up to ``module_name``'s input (the residual stream after the attention part)."""
+    module = block.get_submodule(module_name)
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        def stop(_module, args):
+            raise _SubBlockEnd(args[0])
+
+        handle = module.register_forward_pre_hook(stop)
+        try:
+            call_block(block, hidden, kwargs)
+        except _SubBlockEnd as end:
+            return end.hidden
+        finally:
+            handle.remove()
+        raise RuntimeError(f"{module_name} was not called by the block's forward")
+
+    return forward
+
+
 class EBFTStep(BlockStep):
-    """The walker step: fine-tune the just-pruned block towards ``ctx.dense_outputs``."""
+    """The walker step: fine-tune the just-pruned block (or window of blocks) towards the dense outputs.
+
+    A window of N blocks keeps the sparse inputs at its first block and the dense outputs of its blocks
+    until its last block is pruned, then trains all N together; the blocks before the last are
+    propagated again (their outputs changed) and reported to the driver as changed, so checkpoints hold
+    them. The window's state is carried, so ``--resume`` inside a window continues it.
+    """
 
     def __init__(self, config: EBFTConfig) -> None:
         self.config = config
+        self.span = config.window_blocks()
+        self.window_inputs: torch.Tensor | None = None
+        self.window_dense: torch.Tensor | None = None  # sparse-path: the dense blocks run on window_inputs
+
+    def carry(self) -> dict[str, torch.Tensor]:
+        state = {}
+        if self.window_inputs is not None:
+            state["ebft_window_inputs"] = self.window_inputs
+        if self.window_dense is not None:
+            state["ebft_window_dense"] = self.window_dense
+        return state
+
+    def restore(self, carry: dict[str, torch.Tensor], first_inputs: torch.Tensor) -> None:
+        self.window_inputs = carry.get("ebft_window_inputs")
+        self.window_dense = carry.get("ebft_window_dense")
+
+    def _fit(self, ctx: BlockContext, module, forward, inputs, targets, masks, include=lambda n: True, label=""):
+        n_train = inputs.shape[0] - self.config.heldout
+        steps = self.config.epochs * math.ceil(n_train / self.config.batch_size)
+
+        def progress(done=None, advance=1, note=None):
+            ctx.note(f"block {ctx.index}{label}: step {done}/{steps}, {note}")
+
+        return fine_tune_block(
+            module, forward, inputs, targets, masks, self.config, device=ctx.device,
+            seed=self.config.seed * 100_003 + ctx.index, progress=progress, include=include,
+        )  # fmt: skip
 
     def __call__(self, ctx: BlockContext) -> None:
         if ctx.dense_outputs is None:
             raise RuntimeError("EBFT needs the dense targets; put a target step before it")
         masks = ctx.masks or block_masks(ctx.block)
-        n_train = ctx.inputs.shape[0] - self.config.heldout
-        steps = self.config.epochs * math.ceil(n_train / self.config.batch_size)
+        if self.span == 0:
+            self._sub_blocks(ctx, masks)
+        elif self.span == 1:
+            fit = self._fit(ctx, ctx.block, ctx.forward, ctx.inputs, ctx.dense_outputs, masks)
+            self._record(ctx, fit)
+        else:
+            self._window(ctx, masks)
 
-        def progress(done=None, advance=1, note=None):
-            ctx.note(f"block {ctx.index}: step {done}/{steps}, {note}")
+    def _record(self, ctx: BlockContext, fit: BlockFit, **extra) -> None:
+        ctx.report["ebft"] = {**fit.to_dict(), **extra}
+        ctx.summary = f"mse {fit.initial_loss:.4g} -> {fit.final_loss:.4g}" + (" (kept as pruned)" if fit.reverted
+                                                                                 else "")  # fmt: skip
 
-        fit = fine_tune_block(
-            ctx.block, ctx.forward, ctx.inputs, ctx.dense_outputs, masks, self.config, device=ctx.device,
-            seed=self.config.seed * 100_003 + ctx.index, progress=progress,
-        )  # fmt: skip
-        ctx.report["ebft"] = fit.to_dict()
-        ctx.summary = f"mse {fit.initial_loss:.4g} -> {fit.final_loss:.4g}"
+    def _sub_blocks(self, ctx: BlockContext, masks) -> None:
+        """The attention part against the dense block's residual stream after attention, then the MLP part."""
+        if ctx.teacher_block is None:
+            raise RuntimeError("EBFT's sub-block window needs the dense block; the method asks for it")
+        kwargs = ctx.kwargs
+        sample = ctx.inputs[:1].to(ctx.device, next(ctx.block.parameters()).dtype)
+        mlp_part = _mlp_part(ctx.block, sample, kwargs)
+        boundary = mlp_part[0]
+
+        def in_mlp(name: str) -> bool:
+            return name.split(".")[0] in mlp_part
+
+        dense_mid = ctx.run_all(ctx.inputs, _ForwardTo(ctx.teacher_block, boundary, kwargs))
+        attention = self._fit(ctx, ctx.block, _forward_to(ctx.block, boundary, kwargs), ctx.inputs, dense_mid, masks,
+                              include=lambda n: not in_mlp(n), label=" attention")  # fmt: skip
+        mlp = self._fit(ctx, ctx.block, ctx.forward, ctx.inputs, ctx.dense_outputs, masks, include=in_mlp,
+                        label=" mlp")  # fmt: skip
+        self._record(ctx, mlp, attention=attention.to_dict())
+
+    def _window(self, ctx: BlockContext, masks) -> None:
+        """Gather a window of blocks; train them together when its last block is pruned."""
+        first = ctx.index - ctx.index % self.span
+        last = min(first + self.span, len(ctx.blocks)) - 1
+        if ctx.index == first:
+            self.window_inputs = ctx.inputs
+            self.window_dense = ctx.inputs if self.config.target == "sparse-path" else None
+        if self.config.target == "sparse-path":
+            if ctx.teacher_block is None:
+                raise RuntimeError("EBFT's multi-block window needs the dense block; the method asks for it")
+            self.window_dense = ctx.run_all(self.window_dense, ctx.teacher_block)
+        if ctx.index < last:
+            ctx.summary = f"pruned; trains with blocks {first}-{last}"
+            return
+        targets = self.window_dense if self.config.target == "sparse-path" else ctx.dense_outputs
+        span = range(first, last + 1)
+        window = nn.ModuleList([ctx.blocks[j] for j in span])
+        kwargs = [ctx.kwargs_of(j) for j in span]
+        window_masks = {}
+        for k, j in enumerate(span):
+            for name, keep in (masks if j == ctx.index else block_masks(ctx.blocks[j])).items():
+                window_masks[f"{k}.{name}"] = keep
+        window.to(ctx.device)
+
+        def forward(hidden: torch.Tensor) -> torch.Tensor:
+            for block, block_kwargs in zip(window, kwargs, strict=True):
+                hidden = call_block(block, hidden, block_kwargs)
+            return hidden
+
+        fit = self._fit(ctx, window, forward, self.window_inputs, targets, window_masks)
+        # The last block's inputs changed with the blocks before it: propagate them again.
+        hidden = self.window_inputs
+        for j, block_kwargs in zip(span[:-1], kwargs[:-1], strict=True):
+            hidden = ctx.run_all(hidden, ctx.blocks[j], block_kwargs)
+            ctx.changed_blocks.append(j)
+        ctx.inputs = hidden
+        for j in span[:-1]:
+            ctx.blocks[j].to("cpu")
+        self.window_inputs = self.window_dense = None
+        self._record(ctx, fit, window=[first, last])
+
+
+class _ForwardTo(nn.Module):
+    """A block cut where its MLP part begins, as a module for :meth:`BlockContext.run_all`."""
+
+    def __init__(self, block: nn.Module, boundary: str, kwargs: dict) -> None:
+        super().__init__()
+        self.block = block
+        self.run = _forward_to(block, boundary, kwargs)
+
+    def forward(self, hidden: torch.Tensor, **_kwargs) -> torch.Tensor:
+        return self.run(hidden)
 
 
 class EBFT(BlockwiseMethod):
@@ -234,6 +456,11 @@ class EBFT(BlockwiseMethod):
 
     def target(self, config: EBFTConfig) -> str:
         return config.target
+
+    def needs_teacher_block(self, config: EBFTConfig) -> bool:
+        # A sub-block window reads the dense block's middle; a window of blocks chains the dense blocks.
+        span = config.window_blocks()
+        return span == 0 or (span > 1 and config.target == "sparse-path")
 
     def with_budget(self, config: EBFTConfig, budget_tokens: int | None, n_windows: int, seqlen: int) -> EBFTConfig:
         if budget_tokens is None:

@@ -1,8 +1,9 @@
 """The one training loop: EBFT's block fits and the whole-model methods (SquareHead, LoRA, S²FT) all run here.
 
 AdamW, a linear schedule (with an optional linear warm-up), gradient clipping, seeded shuffling of the windows
-(every epoch a fresh permutation from one generator), an optional held-out loss after each epoch with early
-stopping that restores the best epoch, and a progress callback per step. What a method trains and what loss it
+(every epoch a fresh permutation from one generator), an optional held-out loss after each epoch that keeps the
+best state seen, the initial one included (so a fit never ends worse than it began on its held-out windows), with
+optional early stopping, and a progress callback per step. What a method trains and what loss it
 minimises are its own; the loop only sees ``loss_of(window_indices)``.
 
 A token budget counts token passes through every block: one optimizer step over ``batch x seqlen`` tokens spends
@@ -41,6 +42,7 @@ class FitConfig:
     micro_batch: int = 0  # windows per forward/backward, gradients accumulated over the batch (0: the whole batch)
     heldout: int = 0  # calibration windows kept out of training, for the held-out loss after each epoch
     early_stop: int = 0  # stop after this many epochs without held-out improvement and keep the best (0: never)
+    keep_best: bool = True  # with held-out windows: end on the best held-out state, the initial one included
     seed: int = 0
 
     def validate(self, name: str, n_windows: int | None = None) -> None:
@@ -134,16 +136,24 @@ class FitLog:
     curve: list[float] = field(default_factory=list)  # mean training loss per epoch (weighted by windows)
     heldout_curve: list[float] = field(default_factory=list)  # held-out loss after each epoch
     epochs_run: int = 0
-    best_epoch: int | None = None  # with early stopping: the epoch whose state was kept (0: the initial state)
+    best_epoch: int | None = None  # with keep_best / early stopping: the epoch whose state was kept (0: the initial)
     stopped_early: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+ParamsOrGroups = Sequence[nn.Parameter] | Sequence[dict]
+
+
+def flat_params(params: ParamsOrGroups) -> list[nn.Parameter]:
+    """The parameters of a list of parameters or of AdamW parameter groups."""
+    return [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
+
+
 def train_loop(
     module: nn.Module,
-    params: Sequence[nn.Parameter],
+    params: ParamsOrGroups,
     loss_of: Callable[[torch.Tensor], torch.Tensor],
     n_train: int,
     config: FitConfig,
@@ -157,11 +167,15 @@ def train_loop(
 ) -> FitLog:
     """AdamW on ``params`` minimising ``loss_of(indices of a batch of training windows)`` for ``steps`` steps.
 
+    ``params``: parameters, or AdamW groups (dicts) when some kinds take other settings (no decay on norms).
     ``module`` is switched to train mode for each epoch (the held-out evaluation may switch it to eval).
-    ``heldout_loss()`` runs after every epoch; with ``config.early_stop`` the loop stops after that many epochs
-    without improvement on ``initial_heldout`` or the best epoch, and restores the best state of ``module``.
-    Everything random derives from ``seed``: the shuffling generator and the global generator (dropout).
+    ``heldout_loss()`` runs after every epoch. With ``config.keep_best`` (or early stopping) the trained
+    parameters end at the best held-out epoch, or at their initial values when no epoch beat
+    ``initial_heldout`` (``log.best_epoch`` 0). ``config.early_stop`` stops after that many epochs without
+    improvement. Everything random derives from ``seed``: the shuffling generator and the global one (dropout).
     """
+    params = list(params)
+    flat = flat_params(params)
     optimizer = torch.optim.AdamW(
         params, lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
     )
@@ -170,7 +184,10 @@ def train_loop(
     per_epoch = max(1, math.ceil(n_train / config.batch_size))
     torch.manual_seed(seed)  # dropout (LoRA) draws from the global generator
     log = FitLog()
-    best, best_state, stale = initial_heldout, None, 0
+    tracking = heldout_loss is not None and (config.keep_best or config.early_stop > 0)
+    # Only the trained parameters can change, so they are the state to keep (a block's, or LoRA's adapters).
+    best_state = [p.detach().clone() for p in flat] if tracking and initial_heldout is not None else None
+    best, stale, best_epoch = initial_heldout, 0, 0
     running, in_epoch = 0.0, 0
     began = time.perf_counter()
     try:
@@ -191,7 +208,7 @@ def train_loop(
                 loss.backward()
                 value = loss.item()
             if config.clip:
-                torch.nn.utils.clip_grad_norm_(params, config.clip)
+                torch.nn.utils.clip_grad_norm_(flat, config.clip)
             optimizer.step()
             scheduler.step()
             if after_step is not None:
@@ -212,22 +229,25 @@ def train_loop(
                 continue
             held = heldout_loss()
             log.heldout_curve.append(held)
-            if config.early_stop:
-                if best is None or held < best:
-                    best, stale, log.best_epoch = held, 0, log.epochs_run
-                    best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-                else:
-                    stale += 1
-                    if stale >= config.early_stop:
-                        log.stopped_early = True
-                        break
+            if not tracking:
+                continue
+            if best is None or held < best:
+                best, stale, best_epoch = held, 0, log.epochs_run
+                best_state = [p.detach().clone() for p in flat]
+            else:
+                stale += 1
+                if config.early_stop and stale >= config.early_stop:
+                    log.stopped_early = True
+                    break
     finally:
         module.eval()
         optimizer.zero_grad(set_to_none=True)
-    if best_state is not None and log.heldout_curve and log.heldout_curve[-1] > best:
-        module.load_state_dict(best_state)  # early stop: keep the best held-out epoch
-    elif config.early_stop and best_state is None and log.heldout_curve:
-        log.best_epoch = 0  # no epoch beat the initial state; it is what remains only if nothing trained
+    if tracking and log.heldout_curve:
+        log.best_epoch = best_epoch
+        if best_epoch != log.epochs_run and best_state is not None:
+            with torch.no_grad():  # end on the best held-out state (0: the initial one)
+                for param, kept in zip(flat, best_state, strict=True):
+                    param.copy_(kept)
     log.time_s = time.perf_counter() - began
     return log
 
@@ -266,7 +286,7 @@ def loop_config(config: FitConfig, **overrides: Any) -> TrainConfig:
 
 def fit_model(
     model: nn.Module,
-    params: Sequence[nn.Parameter],
+    params: ParamsOrGroups,
     loss_fn: Callable[[torch.Tensor], torch.Tensor],
     calib_ids: torch.Tensor,
     config: TrainConfig,

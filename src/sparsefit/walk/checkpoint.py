@@ -58,10 +58,14 @@ class BlockCheckpoint:
             state = load_file(str(self.folder / f"block_{index}.safetensors"))
             blocks[index].load_state_dict(state, strict=True)
 
+    def save_block(self, index: int, block: nn.Module) -> None:
+        """Block ``index``'s weights (again, when a later step changed a finished block)."""
+        save_tensors_atomically(block.state_dict(), self.folder / f"block_{index}.safetensors")
+
     def save(
         self, index: int, block: nn.Module, carry: dict[str, torch.Tensor], reports: list[dict], total: int
     ) -> None:
-        save_tensors_atomically(block.state_dict(), self.folder / f"block_{index}.safetensors")
+        self.save_block(index, block)
         save_tensors_atomically(carry, self.folder / "carry.safetensors")
         progress = {"next_block": index + 1, "blocks_total": total, "reports": reports, "fingerprint": self.fingerprint}
         write_file_atomically(self.folder / "progress.json", json.dumps(progress, indent=2))

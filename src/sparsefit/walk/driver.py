@@ -63,6 +63,8 @@ def run_blocks(
                 state = {"inputs": outputs}
                 for step in steps:
                     state.update(getattr(step, "carry", dict)())
+                for index in ctx.changed_blocks:  # a window of blocks trained earlier ones too
+                    checkpoint.save_block(index, blocks[index])
                 checkpoint.save(ctx.index, ctx.block, state, reports, total=len(blocks))
             update(done=ctx.index + 1, note=ctx.summary)
 

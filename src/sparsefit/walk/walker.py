@@ -41,21 +41,30 @@ class BlockContext:
     report: dict = field(default_factory=dict)
     note: Callable[[str], None] = _no_note  # a short progress note (current loss, swaps) for the block's bar
     summary: str = ""  # the note that stays on the bar once the block is done
+    blocks: nn.ModuleList | None = None  # every block of the model (a window of blocks trains several)
+    block_kwargs: Sequence[dict] = ()  # every block's kwargs, on the CPU
+    changed_blocks: list[int] = field(default_factory=list)  # earlier blocks a step changed (to checkpoint again)
+
+    def kwargs_of(self, index: int) -> dict:
+        """Block ``index``'s kwargs on the device."""
+        return self.kwargs if index == self.index else to_device(self.block_kwargs[index], self.device)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """The block on a batch already on the device (with autograd if enabled by the caller)."""
         return call_block(self.block, hidden, self.kwargs)
 
     @torch.no_grad()
-    def run_all(self, inputs: torch.Tensor | None = None, block: nn.Module | None = None) -> torch.Tensor:
+    def run_all(self, inputs: torch.Tensor | None = None, block: nn.Module | None = None,
+                kwargs: dict | None = None) -> torch.Tensor:  # fmt: skip
         """``block`` (default: this block) on every window, batched; a CPU tensor shaped and typed like the inputs."""
         inputs = self.inputs if inputs is None else inputs
         block = self.block if block is None else block
+        kwargs = self.kwargs if kwargs is None else kwargs
         outputs = torch.empty_like(inputs)
         param_dtype = next(block.parameters()).dtype
         for start in range(0, inputs.shape[0], self.batch_size):
             batch = inputs[start : start + self.batch_size].to(self.device, param_dtype)
-            outputs[start : start + self.batch_size] = call_block(block, batch, self.kwargs).to("cpu", inputs.dtype)
+            outputs[start : start + self.batch_size] = call_block(block, batch, kwargs).to("cpu", inputs.dtype)
         return outputs
 
 
@@ -101,7 +110,8 @@ def walk_blocks(
     """Run ``steps`` on every block from ``start``; return the last block's outputs (CPU).
 
     ``on_block_done(ctx, outputs)`` is called after each block is finished and back on the CPU: the
-    place to checkpoint. ``note(text)`` receives the steps' progress notes.
+    place to checkpoint (``ctx.changed_blocks`` names earlier blocks a step changed too).
+    ``note(text)`` receives the steps' progress notes.
     """
     device = torch.device(device)
     blocks = adapter.get_blocks(model)
@@ -118,6 +128,8 @@ def walk_blocks(
             device=device,
             batch_size=batch_size,
             note=note,
+            blocks=blocks,
+            block_kwargs=block_kwargs,
         )
         for step in steps:
             step(ctx)

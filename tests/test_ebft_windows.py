@@ -1,0 +1,195 @@
+"""Robust EBFT (issue 13): a fit never ends worse than it began; norms and biases take no weight decay; the
+reconstruction window (a sub-block, one block, N blocks) keeps the masks and trains what it says."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_tiny_model
+from sparsefit.models.adapters import get_adapter
+from sparsefit.prune import PruneConfig, parse_pattern, prune_model
+from sparsefit.recover import RecoveryContext, get_method
+from sparsefit.recover.ebft import EBFTConfig, EBFTStep, _trainable, fine_tune_block
+from sparsefit.walk.capture import capture_inputs
+from sparsefit.walk.masks import block_masks, model_masks
+from sparsefit.walk.walker import call_block
+from test_cli import cli, prune_args, workspace  # noqa: F401  (the fixture is shared)
+
+IDS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(5))
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def pruned_pair(arch: str = "llama", layers: int = 2):
+    dense = make_tiny_model(arch, layers=layers)
+    sparse = copy.deepcopy(dense)
+    prune_model(sparse, IDS, PruneConfig(method="wanda", sparsity=0.6, device="cpu", nsamples=8, seqlen=32))
+    return dense, sparse
+
+
+def recover(dense, sparse, **options):
+    ctx = RecoveryContext(model=sparse, teacher=dense, tokenizer=None, calib_ids=IDS,
+                          pattern=parse_pattern("unstructured"), device=CPU, seed=0, batch_size=4,
+                          budget_tokens=None, options=options)  # fmt: skip
+    return get_method("ebft").run(ctx)
+
+
+def block_inputs(model, index: int = 0):
+    adapter = get_adapter(model)
+    inputs, kwargs = capture_inputs(model, adapter, IDS, device=CPU, batch_size=4)
+    blocks = adapter.get_blocks(model)
+    with torch.no_grad():
+        for j in range(index):
+            inputs = call_block(blocks[j], inputs, kwargs[j])
+    return inputs, kwargs
+
+
+@pytest.mark.parametrize("heldout", [2, 0])
+def test_a_diverging_fit_backs_off_and_never_ends_worse_than_it_began(heldout):
+    dense, sparse = pruned_pair()
+    inputs, kwargs = block_inputs(sparse)
+    block, teacher = get_adapter(sparse).get_blocks(sparse)[0], get_adapter(dense).get_blocks(dense)[0]
+    with torch.no_grad():
+        targets = call_block(teacher, inputs, kwargs[0])
+    masks = block_masks(block)
+    config = EBFTConfig(lr=5.0, epochs=2, batch_size=2, heldout=heldout, retries=2)  # a rate that must diverge
+    fit = fine_tune_block(block, lambda x: call_block(block, x, kwargs[0]), inputs, targets, masks, config,
+                          device=CPU, seed=0)  # fmt: skip
+    assert fit.attempts > 1 and fit.lr < config.lr  # it backed off
+    if heldout:
+        assert fit.final_heldout <= fit.initial_heldout
+    assert fit.final_loss <= fit.initial_loss * (1 + 1e-6) or heldout
+    for name, keep in block_masks(block).items():
+        assert torch.equal(keep, masks[name]), name
+
+
+def test_a_fit_that_cannot_improve_is_reverted_to_the_pruned_weights():
+    dense, sparse = pruned_pair()
+    inputs, kwargs = block_inputs(sparse)
+    block = get_adapter(sparse).get_blocks(sparse)[0]
+    before = copy.deepcopy(block.state_dict())
+    with torch.no_grad():
+        targets = call_block(block, inputs, kwargs[0])  # the block already reproduces its targets exactly
+    config = EBFTConfig(lr=1e-2, epochs=1, batch_size=2, heldout=2, retries=1)
+    fit = fine_tune_block(block, lambda x: call_block(block, x, kwargs[0]), inputs, targets, block_masks(block),
+                          config, device=CPU, seed=0)  # fmt: skip
+    assert fit.reverted and fit.attempts == 2 and fit.final_heldout == fit.initial_heldout == 0.0
+    for key, value in block.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2"])
+def test_norms_and_biases_take_no_weight_decay(arch):
+    model = make_tiny_model(arch)
+    block = get_adapter(model).get_blocks(model)[0]
+    groups, hooks, layers = _trainable(block, block_masks(block), EBFTConfig(weight_decay=0.1))
+    for hook in hooks:
+        hook.remove()
+    decayed, undecayed = groups[0]["params"], groups[1]["params"]
+    assert "weight_decay" not in groups[0] and groups[1]["weight_decay"] == 0.0
+    assert {id(p) for p in decayed} == {id(layer.weight) for layer in layers.values()}
+    norms = [p for n, m in block.named_modules() if "norm" in type(m).__name__.lower() for p in m.parameters()]
+    biases = [layer.bias for layer in layers.values() if layer.bias is not None]
+    assert norms and {id(p) for p in undecayed} == {id(p) for p in norms + biases}
+    assert bool(biases) == (arch == "qwen2")  # Qwen2's q/k/v biases train, undecayed
+
+
+def chain(model, start: int, stop: int, inputs, kwargs):
+    blocks = get_adapter(model).get_blocks(model)
+    with torch.no_grad():
+        for j in range(start, stop):
+            inputs = call_block(blocks[j], inputs, kwargs[j])
+    return inputs
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_a_window_of_two_blocks_trains_both_against_the_dense_output_of_the_second(arch):
+    dense, sparse = pruned_pair(arch, layers=4)
+    masks = model_masks(sparse)
+    pruned = copy.deepcopy(sparse)
+    inputs, kwargs = block_inputs(sparse)
+    report = recover(dense, sparse, preset="cpu", epochs=3, batch_size=2, heldout=0, window=2, lr=3e-3)
+    assert [b["window"] for b in report["blocks"]] == [[0, 1], [2, 3]]
+    assert [b["block"] for b in report["blocks"]] == [1, 3]
+    for name, keep in model_masks(sparse).items():
+        assert torch.equal(keep, masks[name]), name  # masks bit-identical
+    after_state = sparse.state_dict()
+    block0 = [name for name in pruned.state_dict() if "layers.0.mlp" in name]
+    assert all(not torch.equal(pruned.state_dict()[name], after_state[name]) for name in block0)  # block 0 trained
+    # The window's error against the dense output of block 1, from the sparse inputs at block 0, went down.
+    target = chain(dense, 0, 2, inputs, kwargs)
+    before = torch.nn.functional.mse_loss(chain(pruned, 0, 2, inputs, kwargs), target)
+    after = torch.nn.functional.mse_loss(chain(sparse, 0, 2, inputs, kwargs), target)
+    assert after < before and report["blocks"][0]["final_loss"] == pytest.approx(after.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
+def test_sub_block_window_fits_attention_then_mlp_and_keeps_masks(arch):
+    dense, sparse = pruned_pair(arch)
+    masks = model_masks(sparse)
+    report = recover(dense, sparse, preset="cpu", epochs=2, batch_size=2, heldout=0, window="sub-block")
+    for name, keep in model_masks(sparse).items():
+        assert torch.equal(keep, masks[name]), name
+    for block in report["blocks"]:
+        attention = block["attention"]
+        assert attention["final_loss"] <= attention["initial_loss"] and block["final_loss"] <= block["initial_loss"]
+
+
+def test_sub_block_attention_fit_trains_only_the_attention_part(monkeypatch):
+    import sparsefit.recover.ebft as ebft
+
+    dense, sparse = pruned_pair("gemma3", layers=1)
+    block = get_adapter(sparse).get_blocks(sparse)[0]
+    q_before = block.self_attn.q_proj.weight.clone()
+    mlp_before = {n: p.clone() for n, p in block.named_parameters()
+                  if n.startswith(("mlp", "pre_feedforward", "post_feedforward"))}  # fmt: skip
+    original, calls = ebft.fine_tune_block, []
+
+    def attention_fit_only(*args, include, **kwargs):  # the MLP fit is skipped: what changed is the attention fit's
+        calls.append(include)
+        if len(calls) == 1:
+            calls.append(original(*args, include=include, **kwargs))
+        return calls[1]
+
+    monkeypatch.setattr(ebft, "fine_tune_block", attention_fit_only)
+    recover(dense, sparse, preset="cpu", epochs=2, batch_size=2, heldout=0, window="sub-block")
+    include = calls[0]
+    assert include("self_attn.q_proj") and include("input_layernorm") and include("post_attention_layernorm")
+    assert not include("mlp.up_proj") and not include("pre_feedforward_layernorm")
+    for name, value in block.named_parameters():
+        if name in mlp_before:
+            assert torch.equal(value, mlp_before[name]), name
+    assert not torch.equal(block.self_attn.q_proj.weight, q_before)
+
+
+def test_window_option_errors_are_one_line():
+    method = get_method("ebft")
+    with pytest.raises(Exception, match="window 'three' is not one of sub-block, block or a number"):
+        method.configure({"window": "three"}, 8, CPU)
+    with pytest.raises(Exception, match="sub-block takes the sparse-path target only"):
+        method.configure({"window": "sub-block", "target": "dense-path"}, 8, CPU)
+
+
+def test_interleaved_window_of_two_equals_across_a_resume(workspace, monkeypatch, tmp_path):  # noqa: F811
+    args = prune_args(workspace, tmp_path / "full", "--sparsity", "0.6")[:-2]  # without --out
+    extra = ["--recover", "ebft", "--epochs", 1, "--train-batch", 2, "-o", "window=2"]
+    assert cli(monkeypatch, *args, *extra, "--out", tmp_path / "full") == 0
+    original = EBFTStep.__call__
+
+    def killed_at_block_2(self, ctx):
+        if ctx.index == 2:
+            raise KeyboardInterrupt
+        return original(self, ctx)
+
+    monkeypatch.setattr(EBFTStep, "__call__", killed_at_block_2)
+    assert cli(monkeypatch, *args, *extra, "--out", tmp_path / "resumed") == 130
+    monkeypatch.setattr(EBFTStep, "__call__", original)
+    assert cli(monkeypatch, *args, *extra, "--out", tmp_path / "resumed", "--resume") == 0
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    report = json.loads((tmp_path / "full" / "ebft.json").read_text())
+    assert [b["window"] for b in report["blocks"]][0] == [0, 1]
