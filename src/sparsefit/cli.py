@@ -47,6 +47,10 @@ HELDOUT = typer.Option(None, "--heldout", help="calibration windows kept out of 
 EARLY_STOP = typer.Option(None, "--early-stop", help="stop after N epochs without held-out improvement, keep the best")
 OPTION = typer.Option(None, "--option", "-o", help="any method option as KEY=VALUE (repeatable), e.g. -o layers=all")
 RESUME = typer.Option(False, "--resume", help="continue from the last finished block of an interrupted run")
+# OWL (outlier-weighted layerwise sparsity), for every pruning method; shared by `prune` and `compare`.
+OWL_LAMBDA = typer.Option(None, "--owl-lambda", help="OWL: spread block sparsities over 2λ by outlier ratio, mean "
+                                                     "kept (typical 0.08; 0 or unset: uniform)")  # fmt: skip
+OWL_M = typer.Option(defaults.PRUNE.owl_m, "--owl-m", help="OWL: a score is an outlier above M x its block's mean")
 
 
 def parse_options(pairs: list[str] | None, where: str = "--option") -> dict:
@@ -89,6 +93,8 @@ def prune(
     device: str = typer.Option(defaults.PRUNE.device, help="auto, cpu, cuda or cuda:N"),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (bf16 is very slow on CPU)"),
     sparsegpt_update: bool = typer.Option(True, help="SparseGPT: apply the OBS weight update (else masks only)"),
+    owl_lambda: float = OWL_LAMBDA,
+    owl_m: float = OWL_M,
     eval_ppl: str = typer.Option("", help="after pruning, perplexity on these corpora (e.g. wiki,books)"),
     eval_seqlen: int = typer.Option(defaults.EVAL_SEQLEN),
     eval_max_tokens: int = typer.Option(None, help="evaluate only the first N test tokens"),
@@ -114,7 +120,8 @@ def prune(
 
     config = PruneConfig(
         method=method, sparsity=sparsity, pattern=pattern, calib=calib, nsamples=nsamples, seqlen=seqlen,
-        seed=seed, batch_size=batch_size, device=device, sparsegpt_update=sparsegpt_update,
+        seed=seed, batch_size=batch_size, device=device, sparsegpt_update=sparsegpt_update, owl_lambda=owl_lambda,
+        owl_m=owl_m,
     )  # fmt: skip
     options = method_options(preset, lr, epochs, train_batch, weight_decay, freeze_norms, target, heldout,
                              early_stop, option)  # fmt: skip
@@ -203,6 +210,8 @@ def compare(
     prune: str = typer.Option(defaults.QUICK.method, help="pruning method for the shared masks"),
     sparsity: float = typer.Option(defaults.QUICK.sparsity),
     pattern: str = typer.Option(defaults.QUICK.pattern),
+    owl_lambda: float = OWL_LAMBDA,
+    owl_m: float = OWL_M,
     methods: str = typer.Option(",".join(defaults.COMPARE_METHODS), help="comma-separated recovery methods"),
     nsamples: int = typer.Option(defaults.QUICK.nsamples, help="calibration windows, the same for every method"),
     seqlen: int = typer.Option(defaults.QUICK.seqlen),
@@ -230,7 +239,8 @@ def compare(
             raise UsageError(f"--option {key}={value!r} needs METHOD.KEY=VALUE, e.g. -o lora.lr=3e-4")
         per_method.setdefault(name, {})[field] = value
     run_compare(
-        model, out, prune=prune, sparsity=sparsity, pattern=pattern, methods=methods, nsamples=nsamples,
+        model, out, prune=prune, sparsity=sparsity, pattern=pattern, owl_lambda=owl_lambda, owl_m=owl_m,
+        methods=methods, nsamples=nsamples,
         seqlen=seqlen, budget=budget, calib=calib, corpora=ppl, eval_seqlen=eval_seqlen,
         eval_max_tokens=eval_max_tokens, seed=seed, device=device, overwrite=overwrite, method_options=per_method,
         keep=keep, mode=mode, log=lambda line: typer.echo(line, err=True), progress=bar,

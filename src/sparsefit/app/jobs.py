@@ -19,7 +19,7 @@ from torch import nn
 import sparsefit
 from sparsefit.app import defaults
 from sparsefit.atomic import check_output, write_atomically, write_file_atomically
-from sparsefit.data import calibration_windows, get_corpus, test_stream
+from sparsefit.data import calibration_windows, get_corpus, test_stream, window_prefix
 from sparsefit.errors import UsageError, check
 from sparsefit.evaluate.perplexity import eval_windows, perplexity
 from sparsefit.evaluate.zeroshot import evaluate_tasks, parse_tasks
@@ -74,11 +74,11 @@ def evaluate_model(
     if corpora:
         results["ppl"] = {}
     for corpus in corpora:
-        stream = test_stream(tokenizer, corpus)
-        total = eval_windows(stream, seqlen, max_tokens, corpus.max_windows).shape[0]
+        stream, prefix = test_stream(tokenizer, corpus), window_prefix(tokenizer)  # prefix: a BOS if it adds one
+        total = eval_windows(stream, seqlen, max_tokens, corpus.max_windows, prefix).shape[0]
         with progress(f"ppl {corpus.name} @ {seqlen}", total) as update:
             res = perplexity(model, stream, seqlen=seqlen, max_tokens=max_tokens, max_windows=corpus.max_windows,
-                             batch_size=batch_size, device=device,
+                             batch_size=batch_size, device=device, prefix=prefix,
                              progress=lambda done, _total: update(done=done))  # fmt: skip
         results["ppl"][corpus.name] = res.to_dict()
     if task_names:
@@ -257,6 +257,8 @@ def run_prune(
         "blocks": reports,
         "results": results,
     }
+    if "owl" in walked:  # OWL: every block's outlier ratio and sparsity (the block reports carry them too)
+        run["owl"] = walked["owl"]
     extra = {}
     if method is not None:
         report = method.summarize(method_config, reports, loaded.model)

@@ -5,7 +5,8 @@ A recipe is YAML with the sections below; every key is optional and unknown keys
 
     name: default
     model: smollm2-135m
-    prune:   {method: wanda, sparsity: 0.5, pattern: unstructured, calib: wiki, nsamples: 32, seqlen: 256, seed: 0}
+    prune:   {method: wanda, sparsity: 0.5, pattern: unstructured, calib: wiki, nsamples: 32, seqlen: 256, seed: 0,
+              owl_lambda: null, owl_m: 5}   # owl_lambda 0.08: OWL's per-block sparsities (null/0: uniform)
     recover: {method: ebft, preset: cpu}   # any method of `sparsefit recover`; the other keys are its options;
                                            # `recover: null` skips it
     eval:    {ppl: [wiki, books], seqlen: 1024, max_tokens: 4096, tasks: [], limit: null}
@@ -34,7 +35,8 @@ from sparsefit.recover import RecoveryContext
 from sparsefit.walk import resolve_device
 
 DEFAULT_PRUNE = {"method": defaults.QUICK.method, "sparsity": defaults.QUICK.sparsity,
-                 "pattern": defaults.QUICK.pattern, **defaults.calibration(defaults.QUICK)}  # fmt: skip
+                 "pattern": defaults.QUICK.pattern, **defaults.calibration(defaults.QUICK),
+                 "owl_lambda": defaults.QUICK.owl_lambda, "owl_m": defaults.QUICK.owl_m}  # fmt: skip
 DEFAULT_RECOVER = {"method": defaults.RECOVER_METHOD, "preset": "cpu"}
 DEFAULT_EVAL = {"ppl": list(defaults.EVAL_CORPORA), "seqlen": defaults.EVAL_SEQLEN,
                 "max_tokens": defaults.RUN_EVAL_MAX_TOKENS, "tasks": [], "limit": None}  # fmt: skip
@@ -124,12 +126,14 @@ def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), overwrite: bool =
     calib = calibration_windows(dense.tokenizer, get_corpus(config.calib), config.nsamples, config.seqlen, config.seed)
     sparse = copy.deepcopy(dense.model)
     t = time.perf_counter()
-    prune_model(sparse, calib, config, progress=progress)
+    walked = prune_model(sparse, calib, config, progress=progress)
     timings["prune_s"] = time.perf_counter() - t
     sparsity = sparsity_summary(sparse, config.pattern)
     rows["pruned"] = evaluate(sparse)
     rows["pruned"]["sparsity"] = sparsity["overall"]
     base_run = {"source_model": recipe.model, "config": config.to_dict(), "versions": versions()}
+    if "owl" in walked:  # OWL: every block's outlier ratio and sparsity
+        base_run["owl"] = walked["owl"]
     save_run(out / "pruned", sparse, dense.tokenizer, {**base_run, "command": "run", "results": rows["pruned"]},
              sparsity, overwrite=overwrite)  # fmt: skip
 

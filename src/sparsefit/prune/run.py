@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -11,6 +13,7 @@ from torch import nn
 from sparsefit.errors import check
 from sparsefit.models.adapters import weight_matrix
 from sparsefit.progress import Bar, silent
+from sparsefit.prune.owl import DEFAULT_M, check_block_sparsities, collect_outlier_ratios, owl_sparsities
 from sparsefit.prune.pattern import parse_pattern
 from sparsefit.prune.registry import PRUNERS
 from sparsefit.prune.step import PruneStep
@@ -35,6 +38,15 @@ class PruneConfig:
     batch_size: int = 8
     device: str = "auto"
     sparsegpt_update: bool = True  # False: SparseGPT masks only (what the EBFT release does)
+    # OWL (Yin et al. 2023): per-block sparsities spread over 2λ by each block's outlier ratio, averaging to
+    # ``sparsity``. None or 0: uniform (plain pruning). Typical λ 0.08 with M 5 (the reference's README).
+    owl_lambda: float | None = None
+    owl_m: float = DEFAULT_M
+
+    @property
+    def owl(self) -> bool:
+        """True when OWL assigns each block its own sparsity."""
+        return bool(self.owl_lambda)
 
     def validate(self) -> None:
         check(self.method in PRUNERS, f"unknown method {self.method!r}; choose one of {', '.join(PRUNERS)}")
@@ -47,15 +59,44 @@ class PruneConfig:
         check(self.seqlen > 0, f"seqlen {self.seqlen} must be a positive number of tokens")
         check(self.batch_size > 0, f"batch size {self.batch_size} must be positive")
         resolve_device(self.device)
+        self._validate_owl()
+
+    def _validate_owl(self) -> None:
+        lam, m = self.owl_lambda, self.owl_m
+        check(
+            lam is None or (_is_number(lam) and lam >= 0),
+            f"OWL lambda {lam!r} must be a number >= 0 such as 0.08 (0 or none: uniform sparsity)",
+        )
+        check(_is_number(m) and m > 0, f"OWL M {m!r} must be a positive number such as {DEFAULT_M:g}")
+        if not self.owl:
+            check(m == DEFAULT_M, f"OWL M {m:g} has no effect without an OWL lambda > 0; give --owl-lambda too")
+            return
+        # The reference's wanda_owl_structure gives each block its own N instead; we refuse (see prune/owl.py).
+        check(
+            not parse_pattern(self.pattern).structured,
+            f"OWL gives each block its own unstructured sparsity and does not combine with pattern {self.pattern}; "
+            f"use --pattern unstructured or drop --owl-lambda",
+        )
+        # The paper's range [S - λ, S + λ] must fit; the exact per-block values are checked after the pre-pass.
+        check(
+            0.0 <= self.sparsity - lam and self.sparsity + lam < 1.0,
+            f"OWL lambda {lam:g} takes sparsity {self.sparsity:g} outside [0, 1) (block sparsities reach at least "
+            f"S ± λ); use a smaller --owl-lambda",
+        )
 
     def pruner_options(self) -> dict:
         return {"update_weights": self.sparsegpt_update} if self.method == "sparsegpt" else {}
 
     def label(self) -> str:
-        return f"{self.method} {self.sparsity if self.pattern == 'unstructured' else self.pattern}"
+        owl = f" owl λ={self.owl_lambda:g}" if self.owl else ""
+        return f"{self.method} {self.sparsity if self.pattern == 'unstructured' else self.pattern}{owl}"
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_pattern_fits(model: nn.Module, pattern_text: str) -> None:
@@ -82,21 +123,45 @@ def prune_model(
     ``steps_before`` run on each block before it is pruned (the teacher step: dense-path targets, a copy
     of the dense block); ``recover_steps`` right after (interleaved recovery, the EBFT order). The prune
     step keeps the dense outputs as targets when ``keep_dense_outputs`` (default: when there are recover
-    steps). Returns the driver's result: per-block reports and timings.
+    steps). Returns the driver's result: per-block reports and timings; with OWL also ``"owl"``: the outlier
+    ratios and the sparsities of every block (which the block reports carry too).
     """
     config.validate()
     check_pattern_fits(model, config.pattern)
+    device = resolve_device(config.device)
+    sparsity: float | list[float] = config.sparsity
+    owl_steps: list[Step] = []
+    owl = None
+    if config.owl:
+        # OWL's pre-pass: a walk over the still dense model (before any checkpoint restores pruned blocks).
+        began = time.perf_counter()
+        ratios = collect_outlier_ratios(model, calib_ids, config.owl_m, device=device,
+                                        batch_size=config.batch_size, progress=progress)  # fmt: skip
+        sparsity = owl_sparsities(ratios, config.sparsity, config.owl_lambda)
+        check_block_sparsities(sparsity, config.owl_lambda)
+        owl = {
+            "lambda": config.owl_lambda, "m": config.owl_m, "outlier_ratios": ratios, "sparsities": sparsity,
+            "mean_sparsity": sum(sparsity) / len(sparsity), "prepass_s": round(time.perf_counter() - began, 3),
+        }  # fmt: skip
+
+        def record_ratio(ctx) -> None:
+            ctx.report["outlier_ratio"] = ratios[ctx.index]
+
+        owl_steps = [record_ratio]
     step = PruneStep(
         config.method,
-        config.sparsity,
+        sparsity,
         parse_pattern(config.pattern),
         options=config.pruner_options(),
         keep_dense_outputs=bool(recover_steps) if keep_dense_outputs is None else keep_dense_outputs,
     )
-    return run_blocks(
-        model, calib_ids, [*steps_before, step, *recover_steps], device=resolve_device(config.device),
+    walked = run_blocks(
+        model, calib_ids, [*owl_steps, *steps_before, step, *recover_steps], device=device,
         batch_size=config.batch_size, checkpoint=checkpoint, resume=resume, progress=progress, label=config.label(),
     )  # fmt: skip
+    if owl is not None:
+        walked["owl"] = owl
+    return walked
 
 
 __all__ = ["PruneConfig", "check_pattern_fits", "prune_model"]

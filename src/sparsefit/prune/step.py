@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sparsefit.models.adapters import prunable_layers
@@ -16,11 +17,12 @@ class PruneStep(BlockStep):
     """Prune every linear layer of a block with ``method`` from one statistics pass over its inputs.
 
     The same pass yields the dense block's outputs on the (sparse model's) inputs: the target a
-    recovery step such as EBFT reconstructs.
+    recovery step such as EBFT reconstructs. ``sparsity`` is one value for every block, or one per block (OWL);
+    a per-block value is recorded in the block's report.
     """
 
     method: str
-    sparsity: float
+    sparsity: float | Sequence[float]
     pattern: Pattern
     options: dict = field(default_factory=dict)
     keep_dense_outputs: bool = False
@@ -39,8 +41,12 @@ class PruneStep(BlockStep):
                 dense = ctx.run_all()
             if self.keep_dense_outputs:
                 ctx.dense_outputs = dense
+        sparsity = self.sparsity
+        if isinstance(sparsity, Sequence):
+            sparsity = sparsity[ctx.index]
+            ctx.report["sparsity"] = sparsity
         for name, pruner in pruners.items():
-            ctx.masks[name] = pruner.prune(self.sparsity, self.pattern)
+            ctx.masks[name] = pruner.prune(sparsity, self.pattern)
             pruner.free()
         ctx.report["pruned_layers"] = len(pruners)
         ctx.note(f"pruned {len(pruners)} layers")

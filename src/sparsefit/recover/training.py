@@ -37,7 +37,8 @@ class FitConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     clip: float = 1.0  # gradient-norm clipping over the trained (masked) gradients; 0: none
-    warmup: float = 0.0  # share of the steps with a linear warm-up; then linear decay to zero
+    warmup: float = 0.0  # share of the steps with a linear warm-up; then decay to zero by the schedule
+    schedule: str = "linear"  # the decay after warm-up: linear (EBFT's) or cosine
     warmup_steps: int = 0  # or a number of warm-up steps (the larger of the two counts)
     micro_batch: int = 0  # windows per forward/backward, gradients accumulated over the batch (0: the whole batch)
     heldout: int = 0  # calibration windows kept out of training, for the held-out loss after each epoch
@@ -54,6 +55,7 @@ class FitConfig:
         check(betas_ok, f"{name} betas ({self.beta1}, {self.beta2}) must be in [0, 1)")
         check(self.clip >= 0, f"{name} clip {self.clip} must be >= 0 (0: no clipping)")
         check(0 <= self.warmup < 1, f"{name} warmup {self.warmup} must be a share of the steps in [0, 1)")
+        check(self.schedule in SCHEDULES, f"{name} schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
               f"{name} warmup steps {self.warmup_steps!r} must be an integer >= 0")  # fmt: skip
         check(isinstance(self.micro_batch, int) and self.micro_batch >= 0,
@@ -119,11 +121,16 @@ def batch_order(n_windows: int, batch_size: int, steps: int, seed: int) -> Itera
             done += 1
 
 
-def lr_factor(step: int, total: int, warmup_steps: int) -> float:
-    """Linear warm-up over ``warmup_steps``, then linear decay to zero at ``total`` (EBFT's, without warm-up)."""
+SCHEDULES = ("linear", "cosine")
+
+
+def lr_factor(step: int, total: int, warmup_steps: int, schedule: str = "linear") -> float:
+    """Linear warm-up over ``warmup_steps``, then decay to zero at ``total``: linear (EBFT's, without warm-up)
+    or half a cosine."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    return max(0.0, 1 - (step - warmup_steps) / max(1, total - warmup_steps))
+    done = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
+    return 0.5 * (1 + math.cos(math.pi * done)) if schedule == "cosine" else max(0.0, 1 - done)
 
 
 @dataclass
@@ -180,7 +187,9 @@ def train_loop(
         params, lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
     )
     warmup_steps = min(steps, max(int(config.warmup * steps), config.warmup_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, steps, warmup_steps, config.schedule)
+    )
     per_epoch = max(1, math.ceil(n_train / config.batch_size))
     torch.manual_seed(seed)  # dropout (LoRA) draws from the global generator
     log = FitLog()

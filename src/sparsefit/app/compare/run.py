@@ -128,6 +128,8 @@ def run_compare(
     prune: str = "wanda",
     sparsity: float = 0.5,
     pattern: str = "unstructured",
+    owl_lambda: float | None = None,
+    owl_m: float = defaults.QUICK.owl_m,
     methods: str | Sequence[str] = defaults.COMPARE_METHODS,
     nsamples: int = defaults.QUICK.nsamples,
     seqlen: int = defaults.QUICK.seqlen,
@@ -157,14 +159,16 @@ def run_compare(
     any work. ``mode``: ``interleaved`` (block-wise methods prune and recover each block in turn, as their
     references do; time and memory then include their own pruning) or ``two-step`` (every method on the one set of
     masks), or ``both`` (block-wise methods twice: interleaved, and a ``<name> two-step`` row beside it).
-    Returns the ``compare.json`` content.
+    ``owl_lambda``/``owl_m``: OWL's per-block sparsities for the shared masks and every interleaved walk (see
+    :class:`~sparsefit.prune.PruneConfig`). Returns the ``compare.json`` content.
     """
     say = log or (lambda message: None)
     # --- every check before any work -----------------------------------------------------------------------
     names = parse_methods(methods)
     check(mode in MODES, f"compare mode {mode!r} is not one of {', '.join(MODES)}")
     prune_config = PruneConfig(method=prune, sparsity=sparsity, pattern=pattern, calib=calib, nsamples=nsamples,
-                               seqlen=seqlen, seed=seed, batch_size=batch_size, device=device)  # fmt: skip
+                               seqlen=seqlen, seed=seed, batch_size=batch_size, device=device,
+                               owl_lambda=owl_lambda, owl_m=owl_m)  # fmt: skip
     prune_config.validate()
     parsed = parse_pattern(pattern)
     method_options = dict(method_options or {})
@@ -216,7 +220,7 @@ def run_compare(
     pruned = copy.deepcopy(teacher)
     started = time.perf_counter()
     with PeakMemory(device_) as memory:
-        prune_model(pruned, calib_ids, prune_config, progress=progress)
+        owl_report = prune_model(pruned, calib_ids, prune_config, progress=progress).get("owl")
     prune_s = time.perf_counter() - started
     masks = model_masks(pruned)
     summary = sparsity_summary(pruned, pattern)
@@ -322,6 +326,7 @@ def run_compare(
         "model": model,
         "settings": {
             "prune": prune, "sparsity": sparsity if not parsed.structured else parsed.sparsity, "pattern": str(parsed),
+            "owl_lambda": owl_lambda, "owl_m": owl_m if prune_config.owl else None, "owl": owl_report,
             "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "budget_tokens": budget_tokens,
             "budget_note": ("token passes through each block for every training method"
                             + ("" if budget is not None
