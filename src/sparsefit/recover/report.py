@@ -8,22 +8,37 @@ from sparsefit.text import markdown_table
 
 
 def ebft_markdown(blocks: list[dict], config: dict) -> str:
-    """The per-block EBFT table: reconstruction loss before/after, held-out loss, time, tokens/s."""
+    """The per-block EBFT table: reconstruction loss before/after, held-out loss, the rate kept, time, tokens/s."""
     rows = []
     for b in blocks:
         reduction = 1 - b["final_loss"] / b["initial_loss"] if b["initial_loss"] else None
+        window = b.get("window")
+        name = f"{window[0]}-{window[1]}" if window else b["block"]
+        kept = "kept as pruned" if b.get("reverted") else f"{b.get('lr', 0):.3g}" + (
+            f" ({b['attempts']} fits)" if b.get("attempts", 1) > 1 else "")  # fmt: skip
         rows.append([
-            b["block"], b["initial_loss"], b["final_loss"], reduction, b.get("initial_heldout"),
-            b.get("final_heldout"), b["epochs_run"], b["steps"], round(b["time_s"], 2), round(b["tokens_per_s"]),
+            name, b["initial_loss"], b["final_loss"], reduction, b.get("initial_heldout"), b.get("final_heldout"),
+            kept, b["epochs_run"], b["steps"], round(b["time_s"], 2), round(b["tokens_per_s"]),
         ])  # fmt: skip
     settings = ", ".join(f"{k} {v}" for k, v in config.items())
     total = sum(b["time_s"] for b in blocks)
+    backed_off = [str(b["block"]) for b in blocks if b.get("attempts", 1) > 1 and not b.get("reverted")]
+    reverted = [str(b["block"]) for b in blocks if b.get("reverted")]
+    robust = ""
+    if backed_off:
+        robust += (f"Block(s) {', '.join(backed_off)}: the first fit did not improve on the start and was redone at a "
+                   "lower rate. ")  # fmt: skip
+    if reverted:
+        robust += f"Block(s) {', '.join(reverted)}: no fit improved on the start; kept as pruned. "
     return (
         "# EBFT per-block reconstruction\n\n"
-        f"Settings: {settings}. Fine-tuning time {total:.1f} s over {len(blocks)} blocks.\n\n"
+        f"Settings: {settings}. Fine-tuning time {total:.1f} s over {len(blocks)} fits. "
+        "No fit ends worse than it began: each ends on its best held-out state, the start included (without "
+        "held-out windows: back to the start when its training loss rose).\n\n"
+        + (robust.strip() + "\n\n" if robust else "")
         + markdown_table(
-            ["block", "initial MSE", "final MSE", "reduction", "held-out before", "held-out after", "epochs",
-             "steps", "time s", "tokens/s"],
+            ["block", "initial MSE", "final MSE", "reduction", "held-out before", "held-out after", "lr kept",
+             "epochs", "steps", "time s", "tokens/s"],
             rows,
         )  # fmt: skip
     )

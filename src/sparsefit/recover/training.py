@@ -310,6 +310,10 @@ def fit_model(
 
     ``probe_fn`` (default ``loss_fn``) measures the loss on the first ``probe_windows`` windows in eval mode
     before and after: the number a test (and a user) checks to see that training did something.
+
+    Never worse than it began: with held-out windows the loop keeps the best held-out state (the start
+    included); without, and with ``config.keep_best``, the trained parameters go back to their start (a CPU
+    copy) when the probe loss rose, and the result says ``reverted``.
     """
     n_windows, seqlen = calib_ids.shape
     n_train = n_windows - config.heldout
@@ -320,6 +324,9 @@ def fit_model(
 
     probe = min(config.probe_windows, n_windows)
     initial = mean_loss(model, on_windows(probe_fn), probe, config.batch_size)
+    params = list(params)
+    start = ([p.detach().to("cpu", copy=True) for p in flat_params(params)]
+             if config.keep_best and not config.heldout and probe else None)  # fmt: skip
     held = (lambda: mean_loss(model, on_windows(probe_fn), config.heldout, config.batch_size, n_train)) \
         if config.heldout else None  # fmt: skip
     log = train_loop(
@@ -331,6 +338,12 @@ def fit_model(
     result["tokens_per_s"] = result["tokens"] / log.time_s if log.time_s else 0.0
     result["initial_loss"] = initial
     result["final_loss"] = mean_loss(model, on_windows(probe_fn), probe, config.batch_size)
+    result["reverted"] = start is not None and result["final_loss"] > initial
+    if result["reverted"]:
+        with torch.no_grad():
+            for param, value in zip(flat_params(params), start, strict=True):
+                param.copy_(value)
+        result["final_loss"] = mean_loss(model, on_windows(probe_fn), probe, config.batch_size)
     return result
 
 

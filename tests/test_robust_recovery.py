@@ -1,4 +1,4 @@
-"""Robust EBFT (issue 13): a fit never ends worse than it began; norms and biases take no weight decay; the
+"""Robust recovery (issue 13): a fit never ends worse than it began; norms and biases take no weight decay; the
 reconstruction window (a sub-block, one block, N blocks) keeps the masks and trains what it says."""
 
 import copy
@@ -193,3 +193,19 @@ def test_interleaved_window_of_two_equals_across_a_resume(workspace, monkeypatch
         assert torch.equal(a[key], b[key]), key
     report = json.loads((tmp_path / "full" / "ebft.json").read_text())
     assert [b["window"] for b in report["blocks"]][0] == [0, 1]
+
+
+def test_a_whole_model_fit_whose_probe_loss_rose_goes_back_to_its_start():
+    from sparsefit.recover.training import TrainConfig, causal_lm_loss, fit_model
+
+    model = make_tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = TrainConfig(lr=10.0, epochs=1, batch_size=2, clip=0.0, probe_windows=4)  # a rate that must diverge
+    result = fit_model(model, list(model.parameters()), lambda ids: causal_lm_loss(model, ids), IDS, config,
+                       steps=4, device=CPU)  # fmt: skip
+    assert result["reverted"] and result["final_loss"] == pytest.approx(result["initial_loss"])
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    kept = fit_model(model, list(model.parameters()), lambda ids: causal_lm_loss(model, ids), IDS,
+                     TrainConfig(lr=1e-3, epochs=1, batch_size=2, probe_windows=4), steps=4, device=CPU)  # fmt: skip
+    assert not kept["reverted"] and kept["final_loss"] < kept["initial_loss"]
