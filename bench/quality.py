@@ -122,7 +122,8 @@ def measure(args: argparse.Namespace, name: str) -> dict:
         ctx = RecoveryContext(model=student, teacher=dense, tokenizer=loaded.tokenizer, calib_ids=calib,
                               pattern=parse_pattern(config.pattern), device=cpu, options=row["global"])  # fmt: skip
         fit = squarehead.run(ctx)
-        result["global"] = {k: fit.get(k) for k in ("config", "steps", "initial_loss", "final_loss")}
+        result["global"] = {"config": fit["config"], "lr": fit["lr"],
+                            **{k: fit["fit"].get(k) for k in ("steps", "initial_loss", "final_loss", "reverted")}}
     result["cpu_min"] = (time.process_time() - cpu_began) / 60
     result["wall_min"] = (time.perf_counter() - began) / 60
     if "owl" in walked:

@@ -209,3 +209,39 @@ def test_a_whole_model_fit_whose_probe_loss_rose_goes_back_to_its_start():
     kept = fit_model(model, list(model.parameters()), lambda ids: causal_lm_loss(model, ids), IDS,
                      TrainConfig(lr=1e-3, epochs=1, batch_size=2, probe_windows=4), steps=4, device=CPU)  # fmt: skip
     assert not kept["reverted"] and kept["final_loss"] < kept["initial_loss"]
+
+
+def test_recipe_polishes_ebft_with_a_global_squarehead_pass(workspace, monkeypatch, tmp_path):  # noqa: F811
+    corpus = workspace / "corpus.txt"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"name: tiny\nmodel: {workspace / 'tiny'}\ndevice: cpu\n"
+        f"prune: {{method: wanda, sparsity: 0.6, calib: {corpus}, nsamples: 8, seqlen: 64}}\n"
+        "recover: {method: ebft, epochs: 1, batch_size: 2}\npolish: {epochs: 1, batch_size: 2}\n"
+        f"eval: {{ppl: [{corpus}], seqlen: 64, max_tokens: 256}}\n"
+    )
+    assert cli(monkeypatch, "run", recipe, "--runs-dir", tmp_path / "runs") == 0
+    out = tmp_path / "runs" / "tiny"
+    recovery = json.loads((out / "recovered" / "recovery.json").read_text())
+    assert recovery["method"] == "ebft" and recovery["polish"]["method"] == "squarehead"
+    assert recovery["polish"]["fit"]["steps"] == 4 and len(recovery["blocks"]) == 3
+    run = json.loads((out / "recovered" / "run.json").read_text())
+    assert run["recovery"]["polish"]["method"] == "squarehead"
+    pruned = load_file(out / "pruned" / "model.safetensors")
+    recovered = load_file(out / "recovered" / "model.safetensors")
+    for key, value in pruned.items():
+        if value.dim() == 2 and "layers" in key:
+            assert torch.equal(value == 0, recovered[key] == 0), key  # masks fixed through both passes
+    assert "then the global pass" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("polish: {method: dsnot}\n", "polish 'dsnot' works block by block"),
+    ("polish: {method: squarehead, rank: 2}\n", "squarehead does not accept option(s) rank"),
+    ("polish: [squarehead]\n", "'polish' must be a mapping or null"),
+])  # fmt: skip
+def test_bad_polish_is_one_line_before_loading(monkeypatch, tmp_path, capsys, text, message):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {tmp_path / 'absent'}\n{text}")
+    assert cli(monkeypatch, "run", recipe, "--runs-dir", tmp_path / "runs") == 2
+    assert message in capsys.readouterr().err

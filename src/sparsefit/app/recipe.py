@@ -9,6 +9,8 @@ A recipe is YAML with the sections below; every key is optional and unknown keys
               owl_lambda: null, owl_m: 5}   # owl_lambda 0.08: OWL's per-block sparsities (null/0: uniform)
     recover: {method: ebft, preset: cpu}   # any method of `sparsefit recover`; the other keys are its options;
                                            # `recover: null` skips it
+    polish:  {method: squarehead, preset: cpu}  # optional: a short whole-model pass after `recover` (masks fixed),
+                                                # e.g. SquareHead's distillation after EBFT; default null
     eval:    {ppl: [wiki, books], seqlen: 1024, max_tokens: 4096, tasks: [], limit: null}
 
 Every value, the recover options included, is checked before the model is loaded.
@@ -49,6 +51,7 @@ class Recipe:
     device: str = "auto"
     prune: dict = field(default_factory=lambda: dict(DEFAULT_PRUNE))
     recover: dict | None = field(default_factory=lambda: dict(DEFAULT_RECOVER))
+    polish: dict | None = None
     eval: dict = field(default_factory=lambda: dict(DEFAULT_EVAL))
 
     @classmethod
@@ -83,12 +86,18 @@ class Recipe:
                     # A recipe naming another method starts from that method's defaults, not EBFT's preset.
                     base = DEFAULT_RECOVER if value.get("method", defaults.RECOVER_METHOD) == "ebft" else {}
                     recipe.recover = {"method": defaults.RECOVER_METHOD, **base, **value}
+            elif key == "polish":
+                check(value is None or isinstance(value, dict), "recipe section 'polish' must be a mapping or null")
+                recipe.polish = None if value is None else {"method": "squarehead", **value}
             else:
                 setattr(recipe, key, value)
         return recipe
 
     def recover_options(self) -> dict:
         return {k: v for k, v in (self.recover or {}).items() if k != "method"}
+
+    def polish_options(self) -> dict:
+        return {k: v for k, v in (self.polish or {}).items() if k != "method"}
 
 
 def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), overwrite: bool = True, progress: Bar = silent) -> dict:
@@ -100,6 +109,12 @@ def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), overwrite: bool =
     if recipe.recover is not None:
         method, method_config = choose_method(recipe.recover["method"], recipe.recover_options(), config.nsamples,
                                               device, pattern=config.pattern, seed=config.seed)  # fmt: skip
+    polish = polish_config = None
+    if recipe.polish is not None:
+        polish, polish_config = choose_method(recipe.polish["method"], recipe.polish_options(), config.nsamples,
+                                              device, pattern=config.pattern, seed=config.seed)  # fmt: skip
+        check(not polish.blockwise, f"recipe polish {polish.name!r} works block by block; the polish pass is a "
+              "whole-model method (squarehead, lora or s2ft)")  # fmt: skip
     evaluation = recipe.eval
     for name in evaluation["ppl"]:  # after the cheap checks: a built-in corpus may be fetched here
         get_corpus(name)
@@ -111,6 +126,8 @@ def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), overwrite: bool =
     check_pattern_fits(dense.model, config.pattern)
     if method is not None:
         method.check(dense.model, method_config)
+    if polish is not None:
+        polish.check(dense.model, polish_config)
     timings["load_s"] = time.perf_counter() - began
 
     def evaluate(model) -> dict:
@@ -138,17 +155,28 @@ def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), overwrite: bool =
              sparsity, overwrite=overwrite)  # fmt: skip
 
     report: dict = {}
-    if method is not None:
+    if method is not None or polish is not None:
         ctx = RecoveryContext(model=sparse, teacher=dense.model, tokenizer=dense.tokenizer, calib_ids=calib,
                               pattern=parse_pattern(config.pattern), device=device, seed=config.seed,
                               batch_size=config.batch_size, progress=progress)  # fmt: skip
-        t = time.perf_counter()
-        report = method.run(ctx, method_config)
-        timings["recover_s"] = time.perf_counter() - t
+        recovery: dict = {}
+        if method is not None:
+            t = time.perf_counter()
+            report = method.run(ctx, method_config)
+            timings["recover_s"] = time.perf_counter() - t
+            recovery = {"method": method.name, **method_config.to_dict()}
+        if polish is not None:  # the global pass, on the block-wise result
+            t = time.perf_counter()
+            polished = polish.run(ctx, polish_config)
+            timings["polish_s"] = time.perf_counter() - t
+            recovery["polish"] = {"method": polish.name, **polish_config.to_dict()}
+            report = {**report, "polish": {"method": polish.name, **polished}}
+            if method is None:
+                method, method_config = polish, polish_config
         recovered_sparsity = sparsity_summary(sparse, config.pattern)
         rows["recovered"] = evaluate(sparse)
         rows["recovered"]["sparsity"] = recovered_sparsity["overall"]
-        recovery = {"method": method.name, **method_config.to_dict()}
+        recovery.setdefault("method", method.name)
         save_run(out / "recovered", sparse, dense.tokenizer,
                  {**base_run, "command": "run", "recovery": recovery, "results": rows["recovered"]},
                  recovered_sparsity, overwrite=overwrite, extra_files=recovery_files(method, report))  # fmt: skip

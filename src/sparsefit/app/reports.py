@@ -43,7 +43,8 @@ def recipe_report(summary: dict, method_section: str | None) -> str:
     first = rows["dense"]["ppl"][corpora[0]] if corpora else None
     lines = [
         f"# sparsefit run `{recipe['name']}`\n",
-        f"Model `{recipe['model']}`; pruning {json.dumps(recipe['prune'])}; recovery {json.dumps(recipe['recover'])}.",
+        f"Model `{recipe['model']}`; pruning {json.dumps(recipe['prune'])}; recovery {json.dumps(recipe['recover'])}"
+        + (f"; then the global pass {json.dumps(recipe['polish'])}." if recipe.get("polish") else "."),
         f"Perplexity: WikiText-2 protocol on each corpus's test split, seqlen {ev['seqlen']}, "
         f"{first['tokens'] if first else 0} tokens per corpus (max_tokens {ev['max_tokens']}). "
         f"Device {summary['device']}.\n",
