@@ -245,3 +245,26 @@ def test_bad_polish_is_one_line_before_loading(monkeypatch, tmp_path, capsys, te
     recipe.write_text(f"model: {tmp_path / 'absent'}\n{text}")
     assert cli(monkeypatch, "run", recipe, "--runs-dir", tmp_path / "runs") == 2
     assert message in capsys.readouterr().err
+
+
+def test_token_relative_loss_weighs_every_token_alike():
+    from sparsefit.recover.ebft import reconstruction_loss
+
+    target = torch.tensor([[[1000.0, 0.0], [1.0, 0.0], [0.0, 2.0]]])  # one massive token, like an attention sink
+    out = torch.tensor([[[1010.0, 0.0], [0.0, 0.0], [0.0, 1.0]]])
+    relative = reconstruction_loss(out, target, "token-relative")
+    assert relative.item() == pytest.approx((100 / 1e6 + 1 / 1 + 1 / 4) / 3)
+    assert reconstruction_loss(out, target, "mse").item() == pytest.approx((100 + 1 + 1) / 6)
+    assert reconstruction_loss(out, target, "token-relative", reduction="sum").item() == pytest.approx(3 * relative)
+
+
+def test_a_token_relative_fit_lowers_its_loss_and_keeps_masks():
+    dense, sparse = pruned_pair("gemma3")
+    masks = model_masks(sparse)
+    report = recover(dense, sparse, preset="cpu", epochs=2, batch_size=2, heldout=2, loss="token-relative")
+    assert all(b["final_heldout"] < b["initial_heldout"] for b in report["blocks"])
+    assert report["config"]["loss"] == "token-relative"
+    for name, keep in model_masks(sparse).items():
+        assert torch.equal(keep, masks[name]), name
+    with pytest.raises(Exception, match="loss 'l1' is not one of mse, token-relative"):
+        get_method("ebft").configure({"loss": "l1"}, 8, CPU)
