@@ -268,3 +268,18 @@ def test_a_token_relative_fit_lowers_its_loss_and_keeps_masks():
         assert torch.equal(keep, masks[name]), name
     with pytest.raises(Exception, match="loss 'l1' is not one of mse, token-relative"):
         get_method("ebft").configure({"loss": "l1"}, 8, CPU)
+
+
+def test_a_fit_redone_with_the_same_groups_takes_the_new_rate():
+    from sparsefit.recover.training import FitConfig, train_loop
+
+    weight = torch.nn.Parameter(torch.ones(4))
+    groups = [{"params": [weight], "weight_decay": 0.0}]
+    module = torch.nn.Module()
+    module.weight = weight
+    for lr, moved in ((0.5, True), (1e-30, False)):  # torch.optim must not keep the first rate in the group
+        before = weight.detach().clone()
+        train_loop(module, groups, lambda i: (weight * weight).sum(), 2, FitConfig(lr=lr, epochs=1, batch_size=2),
+                   steps=1, seed=0)  # fmt: skip
+        assert (not torch.equal(weight.detach(), before)) == moved
+    assert groups == [{"params": [weight], "weight_decay": 0.0}]

@@ -181,7 +181,9 @@ def train_loop(
     ``initial_heldout`` (``log.best_epoch`` 0). ``config.early_stop`` stops after that many epochs without
     improvement. Everything random derives from ``seed``: the shuffling generator and the global one (dropout).
     """
-    params = list(params)
+    # torch.optim writes its defaults (the lr among them) into a group dict: a copy keeps the caller's groups
+    # clean for the next fit (a fit redone at a lower rate).
+    params = [dict(item) if isinstance(item, dict) else item for item in params]
     flat = flat_params(params)
     optimizer = torch.optim.AdamW(
         params, lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
