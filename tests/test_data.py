@@ -12,7 +12,15 @@ import torch
 from safetensors.torch import save_file
 
 from sparsefit import assets
-from sparsefit.data import CORPORA, Corpus, calib_stream, calibration_windows, get_corpus, test_stream
+from sparsefit.data import (
+    CORPORA,
+    Corpus,
+    calib_stream,
+    calibration_windows,
+    get_corpus,
+    test_stream,
+    window_prefix,
+)
 from sparsefit.data import corpora as corpora_mod
 from sparsefit.data.corpora import is_calib, split_tail, stable_bucket
 from sparsefit.errors import UsageError
@@ -278,6 +286,53 @@ def test_sampler_rejects_bad_sizes(byte_tokenizer):
             calibration_windows(byte_tokenizer, corpus, **{"nsamples": 2, "seqlen": 16, **bad})
     with pytest.raises(UsageError, match="calibration mode 'random' is not accepted; use one of auto"):
         calibration_windows(byte_tokenizer, corpus, 2, 16, mode="random")
+
+
+def bos_byte_tokenizer():
+    """The byte tokenizer, putting <s> (256) in front of every text as Gemma and Llama tokenizers do."""
+    from tokenizers import processors
+
+    from conftest import make_byte_tokenizer
+
+    tokenizer = make_byte_tokenizer()
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.bos_token_id)]
+    )
+    return tokenizer
+
+
+def test_window_prefix_is_read_from_the_tokenizer(byte_tokenizer):
+    assert window_prefix(byte_tokenizer) == []
+    tokenizer = bos_byte_tokenizer()
+    assert getattr(tokenizer, "add_bos_token", False) is False  # as for Gemma's GGUF tokenizer: the ids decide
+    assert window_prefix(tokenizer) == [256]
+
+
+@pytest.mark.parametrize("mode", ["document", "stream"])
+def test_windows_start_with_the_bos_the_tokenizer_adds(byte_tokenizer, mode):
+    tokenizer = bos_byte_tokenizer()
+    docs = make_docs(60, 3, 60)
+    corpus = Corpus("synthetic", tuple(docs), ("test",))
+    got = calibration_windows(tokenizer, corpus, nsamples=16, seqlen=96, seed=3, mode=mode)
+    assert got.shape == (16, 96) and (got[:, 0] == 256).all() and (got[:, 1:] != 256).all()
+    # The same draws as the reference windows (so the same text), whose first token the BOS replaces.
+    plain = calibration_windows(tokenizer, corpus, nsamples=16, seqlen=96, seed=3, mode=mode, prefix=[])
+    assert torch.equal(got[:, 1:], plain[:, 1:])
+    if mode == "document":
+        assert torch.equal(plain, reference_get_c4(tokenizer, docs, 16, 96, 3))
+    # A tokenizer that adds nothing keeps the reference windows; an explicit prefix is put in front of them.
+    reference = calibration_windows(byte_tokenizer, corpus, 16, 96, seed=3, mode=mode)
+    assert torch.equal(calibration_windows(byte_tokenizer, corpus, 16, 96, seed=3, mode=mode, prefix=[]), reference)
+    forced = calibration_windows(byte_tokenizer, corpus, 16, 96, seed=3, mode=mode, prefix=[256])
+    assert (forced[:, 0] == 256).all() and torch.equal(forced[:, 1:], reference[:, 1:])
+
+
+def test_window_prefix_must_fit(byte_tokenizer):
+    corpus = Corpus("short-docs", tuple(make_docs(30, 3, 10)), ("test",))
+    with pytest.raises(UsageError, match="seqlen 2 leaves no room after the 2-token window prefix"):
+        calibration_windows(byte_tokenizer, corpus, 2, 2, prefix=[256, 256])
+    with pytest.raises(UsageError, match=r"window prefix \['x'\] is not accepted; give token ids"):
+        calibration_windows(byte_tokenizer, corpus, 2, 16, prefix=["x"])
 
 
 # --- token streams and their cache -----------------------------------------------------------------------

@@ -208,3 +208,15 @@ def test_smollm2_matches_lm_eval():
     run = _run_both(loaded.model, loaded.tokenizer, NAMES, limit=10)
     for name in NAMES:
         _check_task(run[name], name, abs_ll=1e-3)
+
+
+@pytest.mark.slow
+def test_gemma_with_its_bos_matches_lm_eval():
+    from sparsefit.data import window_prefix
+    from sparsefit.models import load
+
+    loaded = load("gemma3-270m")
+    assert window_prefix(loaded.tokenizer) == [2]  # both put <bos> in front of every context
+    run = _run_both(loaded.model, loaded.tokenizer, ["arc_easy", "piqa"], limit=4)
+    for name in ("arc_easy", "piqa"):
+        _check_task(run[name], name, abs_ll=1e-3)

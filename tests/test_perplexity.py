@@ -90,6 +90,30 @@ def test_bad_arguments(tiny_llama, stream):
         perplexity(tiny_llama, stream.float(), seqlen=64)
 
 
+def test_a_prefix_starts_every_window_and_is_not_scored(tiny_llama, stream):
+    from sparsefit.evaluate.perplexity import eval_windows
+
+    bos = 256
+    with_bos = torch.cat([torch.tensor([[bos]]), stream], dim=1)  # as a BOS-adding tokenizer returns the text
+    windows = eval_windows(with_bos, 128, prefix=[bos])
+    assert windows.shape == (7, 128) and (windows[:, 0] == bos).all()
+    assert torch.equal(windows[:, 1:].reshape(-1), stream[0, : 7 * 127])  # the stream's own BOS is dropped
+    result = perplexity(tiny_llama, with_bos, seqlen=128, prefix=[bos])
+    assert (result.windows, result.tokens, result.seqlen) == (7, 7 * 127, 128)
+    # Independent: transformers' loss on each [bos] + 127 tokens window predicts exactly those 127 tokens.
+    losses = [tiny_llama(input_ids=w[None], labels=w[None]).loss.item() for w in windows]
+    assert result.value == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-5)
+    assert result.value != pytest.approx(perplexity(tiny_llama, stream, seqlen=128).value, rel=1e-3)
+    limited = perplexity(tiny_llama, with_bos, seqlen=128, max_tokens=300, prefix=[bos])
+    assert (limited.windows, limited.tokens) == (2, 254)  # max_tokens counts text tokens, not the prefix
+    two = eval_windows(stream, 64, prefix=[bos, 257])  # a stream without the prefix loses nothing
+    assert torch.equal(two[:, 2:].reshape(-1), stream[0, : two.shape[0] * 62])
+    with pytest.raises(UsageError, match="seqlen 2 leaves no room after the 2-token window prefix"):
+        perplexity(tiny_llama, stream, seqlen=2, prefix=[bos, bos])
+    with pytest.raises(UsageError, match=r"window prefix \[-1\] is not accepted"):
+        perplexity(tiny_llama, stream, seqlen=64, prefix=[-1])
+
+
 def test_leaves_the_model_as_it_was(tiny_llama, stream):
     tiny_llama.train()
     perplexity(tiny_llama, stream, seqlen=256, device="cpu")

