@@ -341,7 +341,7 @@ class StructuredStep(BlockStep):
 
     @property
     def compensates(self) -> tuple[bool, bool]:
-        """(attention, mlp): where FLAP's bias goes; wanda_sp never adds one (``lib/prune.py:469``, bias=False)."""
+        """(attention, mlp): where FLAP's bias goes; wanda_sp never adds one (``lib/prune.py:470``, ``:475``)."""
         flap = self.method == "flap"
         return flap and self.support.attention_bias is not None, flap and self.support.mlp_bias is not None
 
