@@ -51,6 +51,10 @@ RESUME = typer.Option(False, "--resume", help="continue from the last finished b
 OWL_LAMBDA = typer.Option(None, "--owl-lambda", help="OWL: spread block sparsities over 2λ by outlier ratio, mean "
                                                      "kept (typical 0.08; 0 or unset: uniform)")  # fmt: skip
 OWL_M = typer.Option(defaults.PRUNE.owl_m, "--owl-m", help="OWL: a score is an outlier above M x its block's mean")
+GQA = typer.Option(defaults.PRUNE.gqa, "--gqa", help="structured: remove the same number of query heads from every "
+                                                     "KV group (queries) or whole KV groups (groups)")  # fmt: skip
+KEEP_HEADS = typer.Option(None, "--keep-heads", help="structured: query heads to keep per block (default: the share "
+                                                     "of heads closest to --sparsity)")  # fmt: skip
 
 
 def parse_options(pairs: list[str] | None, where: str = "--option") -> dict:
@@ -82,9 +86,13 @@ def method_options(preset, lr, epochs, batch, weight_decay, freeze_norms, target
 @app.command()
 def prune(
     model: str = typer.Option("smollm2-135m", help="built-in name, local folder, .gguf file or hub id"),
-    method: str = typer.Option(defaults.PRUNE.method, help="magnitude, wanda or sparsegpt"),
-    sparsity: float = typer.Option(defaults.PRUNE.sparsity, help="fraction of weights to remove, in [0, 1)"),
-    pattern: str = typer.Option(defaults.PRUNE.pattern, help="unstructured or N:M (e.g. 2:4)"),
+    method: str = typer.Option(defaults.PRUNE.method, help="magnitude, wanda or sparsegpt (structured: wanda or flap)"),
+    sparsity: float = typer.Option(defaults.PRUNE.sparsity, help="fraction of weights to remove, in [0, 1) "
+                                                                 "(structured: of the decoder blocks' linear weights)"),
+    pattern: str = typer.Option(defaults.PRUNE.pattern, help="unstructured, N:M (e.g. 2:4) or structured (heads and "
+                                                             "FFN channels removed: a smaller dense model)"),
+    gqa: str = GQA,
+    keep_heads: int = KEEP_HEADS,
     calib: str = typer.Option(defaults.PRUNE.calib, help="corpus: wiki, books, a .txt/.jsonl file or folder"),
     nsamples: int = typer.Option(defaults.PRUNE.nsamples, help="calibration windows"),
     seqlen: int = typer.Option(defaults.PRUNE.seqlen, help="tokens per calibration window"),
@@ -121,7 +129,7 @@ def prune(
     config = PruneConfig(
         method=method, sparsity=sparsity, pattern=pattern, calib=calib, nsamples=nsamples, seqlen=seqlen,
         seed=seed, batch_size=batch_size, device=device, sparsegpt_update=sparsegpt_update, owl_lambda=owl_lambda,
-        owl_m=owl_m,
+        owl_m=owl_m, gqa=gqa, keep_heads=keep_heads,
     )  # fmt: skip
     options = method_options(preset, lr, epochs, train_batch, weight_decay, freeze_norms, target, heldout,
                              early_stop, option)  # fmt: skip
@@ -209,7 +217,9 @@ def compare(
     model: str = typer.Option("smollm2-135m"),
     prune: str = typer.Option(defaults.QUICK.method, help="pruning method for the shared masks"),
     sparsity: float = typer.Option(defaults.QUICK.sparsity),
-    pattern: str = typer.Option(defaults.QUICK.pattern),
+    pattern: str = typer.Option(defaults.QUICK.pattern, help="unstructured, N:M or structured"),
+    gqa: str = GQA,
+    keep_heads: int = KEEP_HEADS,
     owl_lambda: float = OWL_LAMBDA,
     owl_m: float = OWL_M,
     methods: str = typer.Option(",".join(defaults.COMPARE_METHODS), help="comma-separated recovery methods"),
@@ -239,7 +249,8 @@ def compare(
             raise UsageError(f"--option {key}={value!r} needs METHOD.KEY=VALUE, e.g. -o lora.lr=3e-4")
         per_method.setdefault(name, {})[field] = value
     run_compare(
-        model, out, prune=prune, sparsity=sparsity, pattern=pattern, owl_lambda=owl_lambda, owl_m=owl_m,
+        model, out, prune=prune, sparsity=sparsity, pattern=pattern, gqa=gqa, keep_heads=keep_heads,
+        owl_lambda=owl_lambda, owl_m=owl_m,
         methods=methods, nsamples=nsamples,
         seqlen=seqlen, budget=budget, calib=calib, corpora=ppl, eval_seqlen=eval_seqlen,
         eval_max_tokens=eval_max_tokens, seed=seed, device=device, overwrite=overwrite, method_options=per_method,

@@ -26,7 +26,8 @@ from sparsefit.evaluate.zeroshot import evaluate_tasks, parse_tasks
 from sparsefit.export.run_folder import read_run
 from sparsefit.models import load, parse_dtype
 from sparsefit.progress import Bar, silent
-from sparsefit.prune import PruneConfig, check_pattern_fits, parse_pattern, prune_model, sparsity_summary
+from sparsefit.prune import PruneConfig, parse_pattern, prune_model, sparsity_summary
+from sparsefit.prune.structured import attach_structured
 from sparsefit.recover import RecoveryContext, RecoveryMethod, get_method
 from sparsefit.recover.base import report_json
 from sparsefit.walk import BlockCheckpoint, TeacherStep, resolve_device
@@ -220,6 +221,7 @@ def run_prune(
     checkpointed after every block; ``resume`` continues from the last saved block.
     """
     config.validate()
+    check(not (resume and config.slim), "--resume does not continue a structured prune; run it again")
     device = resolve_device(config.device)
     method = method_config = None
     if recover:
@@ -231,7 +233,7 @@ def run_prune(
     timings: dict[str, float] = {}
     with timed(timings, "load_s"):
         loaded = load(model_name, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code)
-    check_pattern_fits(loaded.model, config.pattern)
+    config.check_model(loaded.model)
     if method is not None:
         method.check(loaded.model, method_config)
     with timed(timings, "calibration_s"):
@@ -259,6 +261,8 @@ def run_prune(
     }
     if "owl" in walked:  # OWL: every block's outlier ratio and sparsity (the block reports carry them too)
         run["owl"] = walked["owl"]
+    if "structured" in walked:  # the widths kept, the share removed, where FLAP's bias went
+        run["structured"] = walked["structured"]
     extra = {}
     if method is not None:
         report = method.summarize(method_config, reports, loaded.model)
@@ -316,6 +320,8 @@ def run_recover(
     with timed(timings, "load_s"):
         sparse = load(str(run_dir))
         dense = load(teacher)
+    if parse_pattern(pattern).slim:  # the share removed, measured against the dense teacher
+        attach_structured(sparse.model, dense.model)
     with timed(timings, "calibration_s"):
         calib_ids = calibration_windows(sparse.tokenizer, get_corpus(calib), nsamples, seqlen, seed)
     settings = dict(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size)

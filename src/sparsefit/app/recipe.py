@@ -32,13 +32,14 @@ from sparsefit.data import calibration_windows, get_corpus
 from sparsefit.errors import UsageError, check
 from sparsefit.models import load
 from sparsefit.progress import Bar, silent
-from sparsefit.prune import PruneConfig, check_pattern_fits, parse_pattern, prune_model, sparsity_summary
+from sparsefit.prune import PruneConfig, parse_pattern, prune_model, sparsity_summary
 from sparsefit.recover import RecoveryContext
 from sparsefit.walk import resolve_device
 
 DEFAULT_PRUNE = {"method": defaults.QUICK.method, "sparsity": defaults.QUICK.sparsity,
                  "pattern": defaults.QUICK.pattern, **defaults.calibration(defaults.QUICK),
-                 "owl_lambda": defaults.QUICK.owl_lambda, "owl_m": defaults.QUICK.owl_m}  # fmt: skip
+                 "owl_lambda": defaults.QUICK.owl_lambda, "owl_m": defaults.QUICK.owl_m,
+                 "gqa": defaults.QUICK.gqa, "keep_heads": defaults.QUICK.keep_heads}  # fmt: skip
 DEFAULT_RECOVER = {"method": defaults.RECOVER_METHOD, "preset": "cpu"}
 DEFAULT_EVAL = {"ppl": list(defaults.EVAL_CORPORA), "seqlen": defaults.EVAL_SEQLEN,
                 "max_tokens": defaults.RUN_EVAL_MAX_TOKENS, "tasks": [], "limit": None}  # fmt: skip
@@ -123,7 +124,7 @@ def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), overwrite: bool =
 
     began = time.perf_counter()
     dense = load(recipe.model)
-    check_pattern_fits(dense.model, config.pattern)
+    config.check_model(dense.model)
     if method is not None:
         method.check(dense.model, method_config)
     if polish is not None:

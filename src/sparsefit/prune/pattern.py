@@ -1,4 +1,5 @@
-"""Sparsity patterns: unstructured, or N:M (keep N of every M consecutive input weights of a row)."""
+"""Sparsity patterns: unstructured, N:M (keep N of every M consecutive input weights of a row), or ``structured``
+(whole attention heads and FFN channels removed: the layers get smaller, see :mod:`sparsefit.prune.structured`)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,14 @@ _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 @dataclass(frozen=True)
 class Pattern:
-    """A sparsity pattern. ``n == m == 0`` means unstructured; otherwise keep ``n`` of every ``m``."""
+    """A sparsity pattern. ``n == m == 0`` means unstructured; otherwise keep ``n`` of every ``m``.
+
+    ``slim``: the structured pattern (heads and channels removed, the matrices sliced smaller); no zeros, no masks.
+    """
 
     n: int = 0
     m: int = 0
+    slim: bool = False
 
     @property
     def structured(self) -> bool:
@@ -38,23 +43,29 @@ class Pattern:
             )
 
     def __str__(self) -> str:
+        if self.slim:
+            return "structured"
         return f"{self.n}:{self.m}" if self.structured else "unstructured"
 
 
 UNSTRUCTURED = Pattern()
+STRUCTURED = Pattern(slim=True)
 
 
 def parse_pattern(text: str | Pattern) -> Pattern:
-    """``"unstructured"`` or ``"N:M"`` (1 <= N < M) to a :class:`Pattern`; UsageError on anything else."""
+    """``"unstructured"``, ``"structured"`` or ``"N:M"`` (1 <= N < M) to a :class:`Pattern`; UsageError else."""
     if isinstance(text, Pattern):
         return text
     if not isinstance(text, str):
-        raise UsageError(f"pattern {text!r} is not understood; use 'unstructured' or 'N:M' such as '2:4'")
+        raise UsageError(f"pattern {text!r} is not understood; use 'unstructured', 'structured' or 'N:M' such as '2:4'")
     if text.strip().lower() == "unstructured":
         return UNSTRUCTURED
+    if text.strip().lower() == "structured":
+        return STRUCTURED
     match = _NM.match(text)
     if not match:
-        raise UsageError(f"pattern {text!r} is not understood; use 'unstructured' or 'N:M' such as '2:4' or '4:8'")
+        raise UsageError(f"pattern {text!r} is not understood; use 'unstructured', 'structured' or 'N:M' such as "
+                         f"'2:4' or '4:8'")  # fmt: skip
     n, m = int(match.group(1)), int(match.group(2))
     if m < 2 or n < 1 or n >= m:
         raise UsageError(f"pattern {text!r} is invalid: N:M needs 1 <= N < M and M >= 2 (N weights kept of every M)")

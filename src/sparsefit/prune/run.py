@@ -17,6 +17,15 @@ from sparsefit.prune.owl import DEFAULT_M, check_block_sparsities, collect_outli
 from sparsefit.prune.pattern import parse_pattern
 from sparsefit.prune.registry import PRUNERS
 from sparsefit.prune.step import PruneStep
+from sparsefit.prune.structured import (
+    GQA,
+    StructuredStep,
+    WidthPlan,
+    check_structured,
+    finish_structured,
+    structured_support,
+)
+from sparsefit.prune.structured import METHODS as STRUCTURED_METHODS
 from sparsefit.walk.checkpoint import BlockCheckpoint
 from sparsefit.walk.device import resolve_device
 from sparsefit.walk.driver import run_blocks
@@ -42,6 +51,15 @@ class PruneConfig:
     # ``sparsity``. None or 0: uniform (plain pruning). Typical λ 0.08 with M 5 (the reference's README).
     owl_lambda: float | None = None
     owl_m: float = DEFAULT_M
+    # Structured pattern only: how heads go under grouped-query attention ("queries": the same number of query
+    # heads from every KV group; "groups": whole KV groups), and an explicit number of query heads to keep.
+    gqa: str = "queries"
+    keep_heads: int | None = None
+
+    @property
+    def slim(self) -> bool:
+        """True for the structured pattern (heads and channels removed, the model gets smaller)."""
+        return parse_pattern(self.pattern).slim
 
     @property
     def owl(self) -> bool:
@@ -49,7 +67,15 @@ class PruneConfig:
         return bool(self.owl_lambda)
 
     def validate(self) -> None:
-        check(self.method in PRUNERS, f"unknown method {self.method!r}; choose one of {', '.join(PRUNERS)}")
+        parse_pattern(self.pattern)
+        if self.slim:
+            check(self.method in STRUCTURED_METHODS, f"--pattern structured takes method "
+                                                     f"{' or '.join(STRUCTURED_METHODS)}, not {self.method!r}")
+        else:
+            check(self.method in PRUNERS, f"unknown method {self.method!r}; choose one of {', '.join(PRUNERS)}")
+            check(self.gqa == "queries" and self.keep_heads is None,
+                  "--gqa and --keep-heads go with --pattern structured")  # fmt: skip
+        check(self.gqa in GQA, f"gqa {self.gqa!r} is not one of {', '.join(GQA)}")
         check(
             0.0 <= self.sparsity < 1.0,
             f"sparsity {self.sparsity} is outside [0, 1); give a fraction such as 0.5",
@@ -73,7 +99,7 @@ class PruneConfig:
             return
         # The reference's wanda_owl_structure gives each block its own N instead; we refuse (see prune/owl.py).
         check(
-            not parse_pattern(self.pattern).structured,
+            not parse_pattern(self.pattern).structured and not self.slim,
             f"OWL gives each block its own unstructured sparsity and does not combine with pattern {self.pattern}; "
             f"use --pattern unstructured or drop --owl-lambda",
         )
@@ -89,7 +115,16 @@ class PruneConfig:
 
     def label(self) -> str:
         owl = f" owl λ={self.owl_lambda:g}" if self.owl else ""
+        if self.slim:
+            return f"{self.method} structured {self.sparsity:g}"
         return f"{self.method} {self.sparsity if self.pattern == 'unstructured' else self.pattern}{owl}"
+
+    def check_model(self, model: nn.Module) -> WidthPlan | None:
+        """Every check that needs the model, before any work; the structured plan (None for other patterns)."""
+        check_pattern_fits(model, self.pattern)
+        if self.slim:
+            return check_structured(model, self.method, self.sparsity, self.gqa, self.keep_heads)
+        return None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -127,8 +162,13 @@ def prune_model(
     ratios and the sparsities of every block (which the block reports carry too).
     """
     config.validate()
-    check_pattern_fits(model, config.pattern)
+    plan = config.check_model(model)
     device = resolve_device(config.device)
+    if plan is not None:
+        check(not resume, "--resume does not continue a structured prune (the saved blocks are smaller than the "
+                          "model's); run it again")  # fmt: skip
+        return _prune_structured(model, calib_ids, config, plan, steps_before, recover_steps, keep_dense_outputs,
+                                 checkpoint, device, progress)  # fmt: skip
     sparsity: float | list[float] = config.sparsity
     owl_steps: list[Step] = []
     owl = None
@@ -161,6 +201,19 @@ def prune_model(
     )  # fmt: skip
     if owl is not None:
         walked["owl"] = owl
+    return walked
+
+
+def _prune_structured(model, calib_ids, config, plan, steps_before, recover_steps, keep_dense_outputs, checkpoint,
+                      device, progress) -> dict:  # fmt: skip
+    """The structured walk: each block scored on its (already pruned) inputs, sliced, then recovered."""
+    step = StructuredStep(config.method, plan, structured_support(model),
+                          keep_dense_outputs=bool(recover_steps) if keep_dense_outputs is None else keep_dense_outputs)
+    walked = run_blocks(
+        model, calib_ids, [*steps_before, step, *recover_steps], device=device, batch_size=config.batch_size,
+        checkpoint=checkpoint, resume=False, progress=progress, label=config.label(),
+    )  # fmt: skip
+    walked["structured"] = finish_structured(model, plan, step)
     return walked
 
 

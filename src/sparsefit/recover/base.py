@@ -157,7 +157,7 @@ class BlockwiseMethod(RecoveryMethod):
         config = self._config(ctx, config)
         n_windows, seqlen = ctx.calib_ids.shape
         config = self.with_budget(config, ctx.budget_tokens, n_windows, seqlen)
-        check_teacher(ctx.model, ctx.teacher)
+        check_teacher(ctx.model, ctx.teacher, same_shapes=not ctx.pattern.slim)
         self.check(ctx.model, config)
         steps = [TeacherStep(ctx.teacher, target=self.target(config), keep_block=self.needs_teacher_block(config)),
                  *self.block_steps(config, ctx.pattern)]  # fmt: skip

@@ -386,6 +386,8 @@ class DSnoT(BlockwiseMethod):
         return True
 
     def supports(self, pattern: Pattern) -> str | None:
+        if pattern.slim:
+            return "dsnot swaps pruned and kept weights under a mask; a structured model has no mask (use ebft or lora)"
         return None  # unstructured and N:M (swaps stay inside each group)
 
     def check_model(self, model: nn.Module, config: DSnoTConfig) -> str | None:

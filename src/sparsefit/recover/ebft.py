@@ -346,8 +346,9 @@ class EBFTStep(BlockStep):
     them. The window's state is carried, so ``--resume`` inside a window continues it.
     """
 
-    def __init__(self, config: EBFTConfig) -> None:
+    def __init__(self, config: EBFTConfig, all_weights: bool = False) -> None:
         self.config = config
+        self.all_weights = all_weights  # a structured (sliced) block: no mask, every remaining weight trains
         self.span = config.window_blocks()
         self.window_inputs: torch.Tensor | None = None
         self.window_dense: torch.Tensor | None = None  # sparse-path: the dense blocks run on window_inputs
@@ -379,7 +380,7 @@ class EBFTStep(BlockStep):
     def __call__(self, ctx: BlockContext) -> None:
         if ctx.dense_outputs is None:
             raise RuntimeError("EBFT needs the dense targets; put a target step before it")
-        masks = ctx.masks or block_masks(ctx.block)
+        masks = ctx.masks or (_all_ones(ctx.block) if self.all_weights else block_masks(ctx.block))
         if self.span == 0:
             self._sub_blocks(ctx, masks)
         elif self.span == 1:
@@ -432,7 +433,8 @@ class EBFTStep(BlockStep):
         kwargs = [ctx.kwargs_of(j) for j in span]
         window_masks = {}
         for k, j in enumerate(span):
-            for name, keep in (masks if j == ctx.index else block_masks(ctx.blocks[j])).items():
+            other = _all_ones(ctx.blocks[j]) if self.all_weights else block_masks(ctx.blocks[j])
+            for name, keep in (masks if j == ctx.index else other).items():
                 window_masks[f"{k}.{name}"] = keep
         window.to(ctx.device)
 
@@ -452,6 +454,12 @@ class EBFTStep(BlockStep):
             ctx.blocks[j].to("cpu")
         self.window_inputs = self.window_dense = None
         self._record(ctx, fit, window=[first, last])
+
+
+def _all_ones(block: nn.Module) -> dict[str, torch.Tensor]:
+    """Keep masks that keep every weight (a sliced block's exact zeros, if any, may train too)."""
+    layers = prunable_layers(block)
+    return {name: torch.ones_like(weight_matrix(layer), dtype=torch.bool) for name, layer in layers.items()}
 
 
 class _ForwardTo(nn.Module):
@@ -490,7 +498,7 @@ class EBFT(BlockwiseMethod):
         return replace(config, epochs=epochs)
 
     def block_steps(self, config: EBFTConfig, pattern) -> list[BlockStep]:
-        return [EBFTStep(config)]
+        return [EBFTStep(config, all_weights=pattern.slim)]
 
     def summarize(self, config: EBFTConfig, reports: list[dict], model: nn.Module) -> dict:
         blocks = [{"block": r["block"], **r["ebft"]} for r in reports if "ebft" in r]

@@ -131,6 +131,9 @@ class LoRA(ModelMethod):
             for param, flag in flags:
                 param.requires_grad_(flag)
             model.to("cpu")
+        if ctx.pattern.slim:  # a structured model has no mask: the merged update is kept whole
+            report["saved"] = "merged (structured: no mask to re-apply)"
+            return report
         report["sparsity_merged_unmasked"] = sparsity_report(model)["overall"]
         apply_masks(model, masks)
         report["sparsity_saved"] = sparsity_report(model)["overall"]

@@ -302,6 +302,11 @@ class S2FT(ModelMethod):
     def normalize(self, options: dict) -> dict:
         return split_names(options, "targets")
 
+    def supports(self, pattern) -> str | None:
+        if pattern.slim:
+            return "s2ft trains chosen heads/channels under the pruning masks; a structured model has none (use ebft)"
+        return None
+
     def check_model(self, model: nn.Module, config: S2FTConfig) -> str | None:
         try:
             llama_geometry(model)

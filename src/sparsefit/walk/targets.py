@@ -19,14 +19,17 @@ from sparsefit.walk.walker import BlockContext, BlockStep
 TARGETS = ("sparse-path", "dense-path")
 
 
-def check_teacher(sparse: nn.Module, teacher: nn.Module) -> None:
-    """The teacher must be the sparse model's dense twin: same architecture, same block shapes."""
+def check_teacher(sparse: nn.Module, teacher: nn.Module, same_shapes: bool = True) -> None:
+    """The teacher must be the sparse model's dense twin: same architecture, same block shapes (``same_shapes``
+    False: a structured model, whose blocks are smaller, only the architecture and block count)."""
     s_type, t_type = sparse.config.model_type, teacher.config.model_type
     if s_type != t_type:
         raise UsageError(f"teacher architecture {t_type!r} differs from the sparse model's {s_type!r}")
     s_blocks, t_blocks = get_adapter(sparse).get_blocks(sparse), get_adapter(teacher).get_blocks(teacher)
     if len(s_blocks) != len(t_blocks):
         raise UsageError(f"teacher has {len(t_blocks)} blocks, the sparse model {len(s_blocks)}")
+    if not same_shapes:
+        return
     for index, (s_block, t_block) in enumerate(zip(s_blocks, t_blocks, strict=True)):
         s_layers, t_layers = prunable_layers(s_block), prunable_layers(t_block)
         for name, layer in s_layers.items():

@@ -48,6 +48,11 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
 def _notes(result: dict) -> list[str]:
     s = result["settings"]
     what = f"{s['pattern']}" if s["pattern"] != "unstructured" else f"{s['sparsity']:.0%} unstructured"
+    if s.get("structured"):  # heads and channels removed: the asked and achieved share, the widths kept
+        st = s["structured"]
+        what = (f"structured {s['sparsity']:.0%} (achieved {st['achieved']:.1%} of block weights: heads "
+                f"{st['kept']['heads']}/{st['dense']['heads']}, KV {st['kept']['kv_heads']}/{st['dense']['kv_heads']}, "
+                f"FFN {st['kept']['intermediate']}/{st['dense']['intermediate']}; {st.get('compensation_note', '')})")
     notes = [
         f"model `{result['model']}`, {s['prune']} {what}; calibration `{s['calib']}` {s['nsamples']} x {s['seqlen']} "
         f"tokens (seed {s['seed']}), the same windows for every method",

@@ -42,7 +42,7 @@ from sparsefit.data import calibration_windows, get_corpus
 from sparsefit.errors import check
 from sparsefit.models import load, parse_dtype
 from sparsefit.progress import Bar, silent
-from sparsefit.prune import PruneConfig, check_pattern_fits, parse_pattern, prune_model, sparsity_summary
+from sparsefit.prune import PruneConfig, parse_pattern, prune_model, sparsity_summary
 from sparsefit.recover import METHODS, RecoveryContext
 from sparsefit.walk import resolve_device
 from sparsefit.walk.masks import model_masks, same_zeros
@@ -128,6 +128,8 @@ def run_compare(
     prune: str = "wanda",
     sparsity: float = 0.5,
     pattern: str = "unstructured",
+    gqa: str = "queries",
+    keep_heads: int | None = None,
     owl_lambda: float | None = None,
     owl_m: float = defaults.QUICK.owl_m,
     methods: str | Sequence[str] = defaults.COMPARE_METHODS,
@@ -168,7 +170,7 @@ def run_compare(
     check(mode in MODES, f"compare mode {mode!r} is not one of {', '.join(MODES)}")
     prune_config = PruneConfig(method=prune, sparsity=sparsity, pattern=pattern, calib=calib, nsamples=nsamples,
                                seqlen=seqlen, seed=seed, batch_size=batch_size, device=device,
-                               owl_lambda=owl_lambda, owl_m=owl_m)  # fmt: skip
+                               owl_lambda=owl_lambda, owl_m=owl_m, gqa=gqa, keep_heads=keep_heads)  # fmt: skip
     prune_config.validate()
     parsed = parse_pattern(pattern)
     method_options = dict(method_options or {})
@@ -201,7 +203,7 @@ def run_compare(
     say(f"loading {model}")
     loaded = load(model, dtype=dtype_)
     teacher, tokenizer = loaded.model, loaded.tokenizer
-    check_pattern_fits(teacher, pattern)
+    prune_config.check_model(teacher)
     for name, method in recovery.items():
         reason = method.check_model(teacher, configs[name])
         check(reason is None, f"method {name!r} cannot run on this model: {reason}")
@@ -230,7 +232,7 @@ def run_compare(
         entries[NONE] = {
             "status": "ok", **_with_gaps(pruned_ppl, dense_ppl, pruned_ppl), "time_s": round(prune_s, 2),
             "peak_mem_mb": memory.peak_mb, "trainable_params": 0, "sparsity": summary["overall"],
-            "masks_kept": True, "tokens_per_block": 0,
+            "masks_kept": None if parsed.slim else True, "tokens_per_block": 0,
             "details": {"note": "the pruned model itself; time and memory are the pruning's"},
         }  # fmt: skip
         if parsed.structured:
@@ -289,7 +291,7 @@ def run_compare(
             entry["trainable_params"] = int(report.get("trainable_params", 0))
             entry["tokens_per_block"] = tokens_per_block(report, nsamples, seqlen)
             entry["sparsity"] = final["overall"]
-            entry["masks_kept"] = None if own_walk else same_zeros(student, masks)
+            entry["masks_kept"] = None if own_walk or parsed.slim else same_zeros(student, masks)
             entry["mode"] = "interleaved" if own_walk else "two-step"
             if parsed.structured:
                 entry["pattern_ok"] = final.get("pattern_ok")
@@ -326,6 +328,7 @@ def run_compare(
         "model": model,
         "settings": {
             "prune": prune, "sparsity": sparsity if not parsed.structured else parsed.sparsity, "pattern": str(parsed),
+            "structured": summary.get("structured"),
             "owl_lambda": owl_lambda, "owl_m": owl_m if prune_config.owl else None, "owl": owl_report,
             "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "budget_tokens": budget_tokens,
             "budget_note": ("token passes through each block for every training method"
