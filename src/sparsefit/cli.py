@@ -274,8 +274,9 @@ def eval_(
     record: bool = typer.Option(False, "--record", help="also store the results in the run folder's run.json"),
 ) -> None:
     """Perplexity (WikiText-2 protocol, seqlen printed with every number) and zero-shot accuracy."""
-    from sparsefit.app.jobs import evaluate_model, parse_list
+    from sparsefit.app.jobs import evaluate_model, evaluate_streamed, parse_list
     from sparsefit.models import load
+    from sparsefit.models.loading import streamable
     from sparsefit.walk import resolve_device
 
     if limit is not None and limit <= 0:
@@ -285,18 +286,16 @@ def eval_(
 
         check_run_folder(model)  # before any work: --record needs a run folder
     device_ = resolve_device(device)
-    loaded = load(model)
-    results = evaluate_model(
-        loaded.model,
-        loaded.tokenizer,
-        ppl=parse_list(ppl),
-        seqlen=seqlen,
-        max_tokens=max_tokens,
-        tasks=parse_list(tasks),
-        limit=limit,
-        device=device_,
-        progress=bar,
-    )
+    folder = streamable(model)
+    if folder is not None and not parse_list(tasks):
+        # Perplexity alone walks a local safetensors folder block by block: any size fits.
+        results = evaluate_streamed(folder, ppl=parse_list(ppl), seqlen=seqlen, max_tokens=max_tokens,
+                                    device=device_, progress=bar)  # fmt: skip
+    else:
+        loaded = load(model)
+        results = evaluate_model(loaded.model, loaded.tokenizer, ppl=parse_list(ppl), seqlen=seqlen,
+                                 max_tokens=max_tokens, tasks=parse_list(tasks), limit=limit, device=device_,
+                                 progress=bar)  # fmt: skip
     if record:
         from sparsefit.app.jobs import record_results
 

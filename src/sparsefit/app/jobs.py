@@ -98,6 +98,30 @@ def evaluate_model(
     return results
 
 
+def evaluate_streamed(
+    folder: Path, *, ppl: list[str], seqlen: int = defaults.EVAL_SEQLEN, max_tokens: int | None = None,
+    device: torch.device | str = "cpu", progress: Bar = silent,
+) -> dict:  # fmt: skip
+    """Perplexity of a local safetensors folder, one block in memory at a time (the numbers of
+    :func:`evaluate_model`, bit for bit on the CPU)."""
+    from sparsefit.evaluate.perplexity import streamed_perplexity
+
+    check(seqlen > 0, f"seqlen {seqlen} must be a positive number of tokens")
+    check(max_tokens is None or max_tokens >= seqlen, f"max-tokens {max_tokens} is shorter than seqlen {seqlen}")
+    corpora = [get_corpus(name) for name in ppl]
+    opened = open_streamed(folder, torch.float32)
+    check_seqlen(opened.source.model.config, seqlen)
+    results: dict = {"ppl": {}} if corpora else {}
+    for corpus in corpora:
+        stream = test_stream(opened.tokenizer, corpus)
+        with progress(f"ppl {corpus.name} @ {seqlen}", len(opened.source)) as update:
+            res = streamed_perplexity(opened.source, stream, seqlen=seqlen, max_tokens=max_tokens,
+                                      max_windows=corpus.max_windows, device=device,
+                                      progress=lambda done, total: update(done=done, total=total))  # fmt: skip
+        results["ppl"][corpus.name] = res.to_dict()
+    return results
+
+
 def record_results(run_dir: Path, results: dict) -> None:
     """Merge evaluation results into ``run_dir/run.json`` (atomically), where the model card finds them."""
     run, _ = read_run(run_dir)

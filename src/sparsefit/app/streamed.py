@@ -48,6 +48,13 @@ def parse_size(text: str | int | None) -> int | None:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def size_text(nbytes: int) -> str:
+    for unit, scale in (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
+
+
 def act_dtype(name: str, device: torch.device) -> torch.dtype:
     """The activations' dtype: ``auto`` is float32 on the CPU (bfloat16 is very slow there), bfloat16 on a GPU."""
     if name not in ACT_DTYPES:
@@ -86,15 +93,15 @@ def check_resources(
     one_set = n_windows * seqlen * hidden * dtype.itemsize
     budget = None
     if max_memory is not None:
-        check(max_memory >= need, f"--max-memory {max_memory / GiB:.2f} GiB is below one block's need "
-                                  f"({need / GiB:.2f} GiB); give at least that")  # fmt: skip
+        check(max_memory >= need, f"--max-memory {size_text(max_memory)} is below one block's need "
+                                  f"({size_text(need)}); give at least that")  # fmt: skip
         budget = max_memory - need
     # The finished blocks (the checkpoint), a few activation sets, then the output shards: all on this disk.
     disk = 2 * source.output_bytes() + 4 * one_set
     where = next((p for p in (out, *out.parents) if p.exists()), Path("."))
     free = shutil.disk_usage(where).free
-    check(free >= disk, f"the run needs about {disk / GiB:.2f} GiB of free disk in {str(where)!r} "
-                        f"(checkpoint, activations, output) and {free / GiB:.2f} GiB is free")  # fmt: skip
+    check(free >= disk, f"the run needs about {size_text(disk)} of free disk in {str(where)!r} "
+                        f"(checkpoint, activations, output) and {size_text(free)} is free")  # fmt: skip
     return Activations(dtype, budget)
 
 
@@ -141,7 +148,6 @@ def save_streamed_run(
                                               max_windows=corpus.max_windows, device=device, activations=activations,
                                               progress=lambda done, total: update(done=done, total=total))  # fmt: skip
                 results["ppl"][corpus.name] = res.to_dict()
-            written.source.close()
             if timings is not None:
                 timings["eval_s"] = round(time.perf_counter() - began, 3)
         run, sparsity, extra = make_run(results)

@@ -13,6 +13,7 @@ Both give bit-identical results on the CPU: the same tensors, the same order of 
 from __future__ import annotations
 
 import copy
+import ctypes
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +25,16 @@ from torch import nn
 from sparsefit.atomic import save_tensors_atomically
 from sparsefit.errors import UsageError
 from sparsefit.models.adapters import Adapter, get_adapter
-from sparsefit.walk.shards import INDEX_FILE, ShardedCheckpoint, write_index, write_shard
+from sparsefit.walk.shards import (
+    INDEX_FILE,
+    ShardedCheckpoint,
+    TensorInfo,
+    file_tensors,
+    load_tensors,
+    read_tensor,
+    write_index,
+    write_shard,
+)
 
 
 class InMemoryBlocks:
@@ -69,6 +79,27 @@ class InMemoryBlocks:
         yield from enumerate(self.blocks)
 
 
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc; elsewhere nothing to do).
+
+    A block's training allocates and frees tensors of many sizes (gradients, AdamW's moments); glibc keeps the
+    freed ones in its heap, fragmented, so without this a streamed walk's resident memory grows by about half a
+    block per block (measured: 1.5 GB after 120 blocks of 13 MB), though no tensor outlives its block.
+    """
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 (present in glibc only)
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
 def _is_meta(module: nn.Module) -> bool:
     return any(p.is_meta for p in module.parameters())
 
@@ -94,10 +125,10 @@ class StreamedBlocks(InMemoryBlocks):
         self.work: Path | None = None
 
     def begin(self, work: Path | None) -> None:
-        if work is None:
-            raise RuntimeError("a streamed walk needs a folder for its finished blocks (a checkpoint)")
-        self.work = Path(work)
-        self.work.mkdir(parents=True, exist_ok=True)
+        """``work``: the folder of finished blocks; None for a read-only walk (OWL's pre-pass), which stores none."""
+        self.work = Path(work) if work is not None else None
+        if self.work is not None:
+            self.work.mkdir(parents=True, exist_ok=True)
 
     def block_file(self, index: int) -> Path:
         assert self.work is not None
@@ -119,18 +150,18 @@ class StreamedBlocks(InMemoryBlocks):
 
     def reload(self, index: int) -> nn.Module:
         """Finished block ``index`` as it was stored (a window's earlier block, after a resume)."""
-        from safetensors.torch import load_file
-
         block = self.blocks[index]
         if _is_meta(block):
-            self._assign(block, load_file(str(self.block_file(index))), f"stored block {index}")
+            self._assign(block, load_tensors(self.block_file(index)), f"stored block {index}")
         return block
 
     def store(self, index: int) -> None:
         save_tensors_atomically(self.blocks[index].state_dict(), self.block_file(index))
 
     def release(self, index: int) -> None:
-        _to_meta(self.blocks[index])
+        if not _is_meta(self.blocks[index]):
+            _to_meta(self.blocks[index])
+            _trim_heap()
 
     def original(self, index: int) -> nn.Module:
         """A second copy of block ``index`` with the source's (dense) weights: the teacher's block."""
@@ -195,15 +226,13 @@ class StreamedBlocks(InMemoryBlocks):
     def write_model(self, out: Path) -> None:
         """Write the output shards into ``out`` with the source's layout: finished blocks from ``work``, every
         other tensor (embeddings, final norm, head) copied from the source in the run's dtype."""
-        from safetensors import safe_open
-
-        handles: dict[int, object] = {}
+        stored: dict[int, dict[str, TensorInfo]] = {}
 
         def block_tensor(index: int, key: str) -> torch.Tensor | None:
-            if index not in handles:
-                handles[index] = safe_open(str(self.block_file(index)), framework="pt", device="cpu")
-            handle = handles[index]
-            return handle.get_tensor(key) if key in handle.keys() else None
+            if index not in stored:
+                stored[index] = file_tensors(self.block_file(index))
+            info = stored[index].get(key)
+            return read_tensor(self.block_file(index), info) if info is not None else None
 
         weight_map: dict[str, str] = {}
         total = 0
@@ -224,7 +253,6 @@ class StreamedBlocks(InMemoryBlocks):
                 entries.append((name, dtype, info.shape, fetch))
                 weight_map[name] = shard
             total += write_shard(out / shard, entries)
-            handles.clear()  # every shard's blocks are done; drop their maps before the next
         if self.source.indexed:
             write_index(out / INDEX_FILE, weight_map, total)
 

@@ -1,7 +1,9 @@
 """Safetensors folders read and written a tensor at a time: the block I/O of the streamed path.
 
-A source folder is ``model.safetensors`` or shards named by ``model.safetensors.index.json``; every tensor is
-read through a memory map (``safe_open``), so reading one block costs that block's memory. Output shards are
+A source folder is ``model.safetensors`` or shards named by ``model.safetensors.index.json``; a tensor is read
+straight into its own memory by a positioned read at the offset its shard's header gives, so reading one block
+costs that block's memory. (A memory map kept open would do the same work, but every page it ever touched counts
+in the process's resident memory until it is closed: a walk over a 14 GB model would show 14 GB.) Output shards are
 written by :func:`write_shard` from a list of tensors whose shapes and dtypes are known up front: the header
 first, then each tensor's bytes as it is fetched, so writing a 5 GB shard holds one tensor at a time.
 """
@@ -35,6 +37,39 @@ class TensorInfo:
     shard: str  # file name inside the folder
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int = 0  # of its bytes from the file's start
+
+
+def read_tensor(path: Path, info: TensorInfo) -> torch.Tensor:
+    """One tensor of a safetensors file, read into a fresh tensor (no map left open)."""
+    tensor = torch.empty(info.shape, dtype=info.dtype)
+    raw = tensor.reshape(-1).view(torch.uint8).numpy()
+    with open(path, "rb") as handle:
+        handle.seek(info.offset)
+        if handle.readinto(raw) != raw.nbytes:
+            raise UsageError(f"{str(path)!r} ends inside tensor data; re-create or re-download it")
+    return tensor
+
+
+def file_tensors(path: Path, shard: str = "") -> dict[str, TensorInfo]:
+    """Every tensor of one safetensors file by name (from its header), in file order."""
+    header = read_header(path)
+    with open(path, "rb") as handle:
+        start = 8 + int.from_bytes(handle.read(8), "little")
+    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    infos = {}
+    for name in names:
+        entry = header[name]
+        if entry["dtype"] not in _DTYPES:
+            raise UsageError(f"tensor {name!r} in {str(path)!r} has dtype {entry['dtype']}, which is not supported")
+        infos[name] = TensorInfo(shard or path.name, _DTYPES[entry["dtype"]], tuple(entry["shape"]),
+                                 start + entry["data_offsets"][0])  # fmt: skip
+    return infos
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file (a stored block), read without a memory map."""
+    return {name: read_tensor(path, info) for name, info in file_tensors(path).items()}
 
 
 def read_header(path: Path) -> dict:
@@ -83,8 +118,8 @@ class ShardedCheckpoint:
             path = self.folder / shard
             if not path.is_file():
                 raise UsageError(f"shard {shard!r} named by {INDEX_FILE} is missing from {str(self.folder)!r}")
-            header = read_header(path)
-            names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+            infos = file_tensors(path, shard)
+            names = list(infos)
             if weight_map is not None:
                 expected = {k for k, v in weight_map.items() if v == shard}
                 if expected != set(names):
@@ -92,13 +127,8 @@ class ShardedCheckpoint:
                     extra = sorted(set(names) - expected)
                     what = f"lacks {missing[0]!r}" if missing else f"holds {extra[0]!r} that the index puts elsewhere"
                     raise UsageError(f"shard {shard!r} does not match {INDEX_FILE}: it {what}; re-create the folder")
-            for name in names:
-                entry = header[name]
-                if entry["dtype"] not in _DTYPES:
-                    raise UsageError(f"tensor {name!r} in {shard!r} has dtype {entry['dtype']}, which is not supported")
-                self.tensors[name] = TensorInfo(shard, _DTYPES[entry["dtype"]], tuple(entry["shape"]))
+            self.tensors.update(infos)
             self.shards[shard] = names
-        self._open: dict[str, object] = {}
 
     def nbytes(self, names: Iterable[str] | None = None, dtype: torch.dtype | None = None) -> int:
         """Bytes of ``names`` (default: every tensor), stored as ``dtype`` when given."""
@@ -111,24 +141,15 @@ class ShardedCheckpoint:
             total += numel * (dtype or info.dtype).itemsize
         return total
 
-    def _handle(self, shard: str):
-        from safetensors import safe_open
-
-        if shard not in self._open:
-            self._open[shard] = safe_open(str(self.folder / shard), framework="pt", device="cpu")
-        return self._open[shard]
-
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """One tensor, copied out of the memory map (cast to ``dtype`` when given)."""
-        tensor = self._handle(self.tensors[name].shard).get_tensor(name)
+        """One tensor, read from its shard (cast to ``dtype`` when given and it is a float tensor)."""
+        info = self.tensors[name]
+        tensor = read_tensor(self.folder / info.shard, info)
         return tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
 
     def read_prefix(self, prefix: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Every tensor whose name starts with ``prefix``, keyed by the rest of its name."""
         return {name[len(prefix) :]: self.read(name, dtype) for name in self.tensors if name.startswith(prefix)}
-
-    def close(self) -> None:
-        self._open.clear()
 
 
 def dtype_code(dtype: torch.dtype) -> str:
