@@ -79,7 +79,7 @@ def measure(args: argparse.Namespace, setting: str, target: str, mode: str = "in
         student = teacher
         ebft_config = ebft.configure(options, args.nsamples, torch.device("cpu"))
         walked = prune_interleaved(student, calib, config, ebft, ebft_config)
-        report = ebft.summarize(ebft_config, walked["blocks"], student)
+        report = ebft.summarize(ebft_config, walked["blocks"], ebft.blocks_of(student))
     else:
         student = loaded.model
         ctx = RecoveryContext(model=student, teacher=teacher, tokenizer=loaded.tokenizer, calib_ids=calib,

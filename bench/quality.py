@@ -34,11 +34,19 @@ from common import RESULTS, peak_rss_mb, run_isolated, run_many, write_results  
 W70 = {"method": "wanda", "sparsity": 0.7}
 W24 = {"method": "wanda", "sparsity": 0.5, "pattern": "2:4"}
 CPU = {"preset": "cpu"}
+REL = {"preset": "cpu", "loss": "token-relative"}
 SQH = {"preset": "cpu"}
 ROWS: dict[str, dict] = {
     "70-pruned": {"prune": W70},
     "70-cpu": {"prune": W70, "ebft": CPU},
     "70-quick": {"prune": W70, "ebft": {**CPU, "epochs": 2}},
+    "70-relative": {"prune": W70, "ebft": {**REL}},
+    "70-relative-quick": {"prune": W70, "ebft": {**REL, "epochs": 2}},
+    "70-relative-epochs8": {"prune": W70, "ebft": {**REL, "epochs": 8}},
+    "70-relative-lr3e-3": {"prune": W70, "ebft": {**REL, "lr": 3e-3}},
+    "70-relative-sub-block": {"prune": W70, "ebft": {**REL, "window": "sub-block"}},
+    "70-relative-window2": {"prune": W70, "ebft": {**REL, "window": 2}},
+    "70-relative+squarehead": {"prune": W70, "ebft": REL, "global": SQH},
     "70-epochs8": {"prune": W70, "ebft": {**CPU, "epochs": 8}},
     "70-lr3e-3": {"prune": W70, "ebft": {**CPU, "lr": 3e-3}},
     "70-lr3e-4": {"prune": W70, "ebft": {**CPU, "lr": 3e-4}},
@@ -63,6 +71,7 @@ ROWS: dict[str, dict] = {
     "70-cpu+squarehead": {"prune": W70, "ebft": CPU, "global": SQH},
     "2:4-pruned": {"prune": W24},
     "2:4-cpu": {"prune": W24, "ebft": CPU},
+    "2:4-relative": {"prune": W24, "ebft": REL},
     "2:4-sub-block": {"prune": W24, "ebft": {**CPU, "window": "sub-block"}},
     "2:4-cpu+squarehead": {"prune": W24, "ebft": CPU, "global": SQH},
 }
@@ -107,7 +116,7 @@ def measure(args: argparse.Namespace, name: str) -> dict:
         ebft = get_method("ebft")
         ebft_config = ebft.configure(row["ebft"], nsamples, cpu)
         walked = prune_interleaved(student, calib, config, ebft, ebft_config)
-        report = ebft.summarize(ebft_config, walked["blocks"], student)
+        report = ebft.summarize(ebft_config, walked["blocks"], ebft.blocks_of(student))
         blocks = report["blocks"]
         result["ebft"] = {
             "config": report["config"],
@@ -145,7 +154,7 @@ def report(args: argparse.Namespace, dense_run: dict, runs: dict[str, dict]) -> 
             continue
         base = runs.get(baseline_of(name), {})
         gaps = {}
-        if base.get("status") == "ok" and name != baseline_of(name):
+        if base.get("status") == "ok" and not name.endswith("-pruned"):
             for corpus in ("wiki", "books"):
                 d, p, q = dense[corpus], base["ppl"][corpus], r["ppl"][corpus]
                 gaps[corpus] = (gap_closed(d, p, q), gap_closed(d, p, q, log=True))
@@ -232,12 +241,13 @@ def main() -> None:
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         sys.exit(f"unknown row(s) {', '.join(unknown)}; see --list")
-    names = list(dict.fromkeys([baseline_of(n) for n in names] + names))
-    passed = ["--model", args.model, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-              "--eval-seqlen", str(args.eval_seqlen), "--max-tokens", str(args.max_tokens)]  # fmt: skip
     earlier = {}
     if args.merge and (RESULTS / "quality.json").exists():
         earlier = json.loads((RESULTS / "quality.json").read_text())
+    done = {k for k, v in earlier.get("runs", {}).items() if v.get("status") == "ok"}
+    names = list(dict.fromkeys([baseline_of(n) for n in names if baseline_of(n) not in done] + names))
+    passed = ["--model", args.model, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+              "--eval-seqlen", str(args.eval_seqlen), "--max-tokens", str(args.max_tokens)]  # fmt: skip
     dense = earlier.get("dense") or run_isolated(__file__, passed, ["dense"], args.threads)
     if dense.get("status") != "ok":
         sys.exit(f"the dense run failed: {dense.get('error')}")

@@ -1,8 +1,8 @@
 """Integration tests on the real Gemma-3-270M (slow: CI runs them), the second built-in architecture.
 
 Gemma's tokenizer puts <bos> in front of every text and the model expects it: every calibration and perplexity
-window starts with it (``sparsefit.data.window_prefix``). Calibration is kept tiny (8 x 128, one epoch of EBFT) and perplexity
-short (1024 tokens at seqlen 512) so the file stays within a few minutes on 2 cores.
+window starts with it (``sparsefit.data.window_prefix``). Calibration is kept tiny (8 x 128, one epoch of EBFT)
+and perplexity short (1024 tokens at seqlen 512) so the file stays within a few minutes on 2 cores.
 """
 
 import json

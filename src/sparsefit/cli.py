@@ -47,6 +47,11 @@ HELDOUT = typer.Option(None, "--heldout", help="calibration windows kept out of 
 EARLY_STOP = typer.Option(None, "--early-stop", help="stop after N epochs without held-out improvement, keep the best")
 OPTION = typer.Option(None, "--option", "-o", help="any method option as KEY=VALUE (repeatable), e.g. -o layers=all")
 RESUME = typer.Option(False, "--resume", help="continue from the last finished block of an interrupted run")
+# The block walk's memory: activations (inputs, targets, dense-path carry) in a dtype, spilled to disk beyond a budget.
+ACT_DTYPE = typer.Option("auto", "--act-dtype", help="activations' dtype: auto (float32 on CPU, bfloat16 on GPU), "
+                                                     "float32, bfloat16 or float16")  # fmt: skip
+MAX_MEMORY = typer.Option(None, "--max-memory", help="memory budget, e.g. 24GB: activations beyond what one "
+                          "block needs spill to a memory-mapped file in the partial folder")  # fmt: skip
 # OWL (outlier-weighted layerwise sparsity), for every pruning method; shared by `prune` and `compare`.
 OWL_LAMBDA = typer.Option(None, "--owl-lambda", help="OWL: spread block sparsities over 2λ by outlier ratio, mean "
                                                      "kept (typical 0.08; 0 or unset: uniform)")  # fmt: skip
@@ -121,8 +126,13 @@ def prune(
     early_stop: int = EARLY_STOP,
     option: list[str] = OPTION,
     resume: bool = RESUME,
+    act_dtype: str = ACT_DTYPE,
+    max_memory: str = MAX_MEMORY,
 ) -> None:
-    """Prune a model and write a run folder (safetensors with exact zeros, sparsity.json, run.json)."""
+    """Prune a model and write a run folder (safetensors with exact zeros, sparsity.json, run.json).
+
+    A local safetensors folder is streamed block by block (one block in memory); built-ins, GGUF files and hub
+    models are loaded whole."""
     from sparsefit.app.jobs import run_prune
     from sparsefit.prune import PruneConfig
 
@@ -138,7 +148,7 @@ def prune(
     run = run_prune(
         model, config, out, dtype=dtype, overwrite=overwrite, eval_ppl=eval_ppl, eval_seqlen=eval_seqlen,
         eval_max_tokens=eval_max_tokens, trust_remote_code=trust_remote_code, recover=recover or None,
-        recover_options=options, resume=resume, progress=bar,
+        recover_options=options, resume=resume, progress=bar, act_dtype=act_dtype, max_memory=max_memory,
     )  # fmt: skip
     typer.echo(f"wrote {out} (sparsity {run['results']['sparsity']:.4f}, {run['timings']['prune_s']:.1f} s)")
 
@@ -185,6 +195,8 @@ def recover_(
     out: Path = typer.Option(..., help="output run folder"),
     overwrite: bool = typer.Option(False),
     resume: bool = RESUME,
+    act_dtype: str = ACT_DTYPE,
+    max_memory: str = MAX_MEMORY,
 ) -> None:
     """Recover a sparse run folder against its dense teacher with any method, masks fixed (the two-step mode)."""
     from sparsefit.app.jobs import run_recover
@@ -196,7 +208,8 @@ def recover_(
     run = run_recover(
         run_dir, out, method, options, teacher=teacher, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
         batch_size=batch_size, device=device, budget=budget, overwrite=overwrite, resume=resume, eval_ppl=eval_ppl,
-        eval_seqlen=eval_seqlen, eval_max_tokens=eval_max_tokens, progress=bar,
+        eval_seqlen=eval_seqlen, eval_max_tokens=eval_max_tokens, progress=bar, act_dtype=act_dtype,
+        max_memory=max_memory,
     )  # fmt: skip
     typer.echo(f"wrote {out} ({method}: {_recovery_line(run['report'])})")
 
@@ -272,8 +285,9 @@ def eval_(
     record: bool = typer.Option(False, "--record", help="also store the results in the run folder's run.json"),
 ) -> None:
     """Perplexity (WikiText-2 protocol, seqlen printed with every number) and zero-shot accuracy."""
-    from sparsefit.app.jobs import evaluate_model, parse_list
+    from sparsefit.app.jobs import evaluate_model, evaluate_streamed, parse_list
     from sparsefit.models import load
+    from sparsefit.models.loading import streamable
     from sparsefit.walk import resolve_device
 
     if limit is not None and limit <= 0:
@@ -283,18 +297,16 @@ def eval_(
 
         check_run_folder(model)  # before any work: --record needs a run folder
     device_ = resolve_device(device)
-    loaded = load(model)
-    results = evaluate_model(
-        loaded.model,
-        loaded.tokenizer,
-        ppl=parse_list(ppl),
-        seqlen=seqlen,
-        max_tokens=max_tokens,
-        tasks=parse_list(tasks),
-        limit=limit,
-        device=device_,
-        progress=bar,
-    )
+    folder = streamable(model)
+    if folder is not None and not parse_list(tasks):
+        # Perplexity alone walks a local safetensors folder block by block: any size fits.
+        results = evaluate_streamed(folder, ppl=parse_list(ppl), seqlen=seqlen, max_tokens=max_tokens,
+                                    device=device_, progress=bar)  # fmt: skip
+    else:
+        loaded = load(model)
+        results = evaluate_model(loaded.model, loaded.tokenizer, ppl=parse_list(ppl), seqlen=seqlen,
+                                 max_tokens=max_tokens, tasks=parse_list(tasks), limit=limit, device=device_,
+                                 progress=bar)  # fmt: skip
     if record:
         from sparsefit.app.jobs import record_results
 

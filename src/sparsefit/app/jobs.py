@@ -18,6 +18,8 @@ from torch import nn
 
 import sparsefit
 from sparsefit.app import defaults
+from sparsefit.app.streamed import act_dtype as act_dtype_of
+from sparsefit.app.streamed import check_resources, open_streamed, parse_size, save_streamed_run
 from sparsefit.atomic import check_output, write_atomically, write_file_atomically
 from sparsefit.data import calibration_windows, get_corpus, test_stream, window_prefix
 from sparsefit.errors import UsageError, check
@@ -25,12 +27,15 @@ from sparsefit.evaluate.perplexity import eval_windows, perplexity
 from sparsefit.evaluate.zeroshot import evaluate_tasks, parse_tasks
 from sparsefit.export.run_folder import read_run
 from sparsefit.models import load, parse_dtype
+from sparsefit.models.loading import check_seqlen, resolve, streamable
 from sparsefit.progress import Bar, silent
 from sparsefit.prune import PruneConfig, parse_pattern, prune_model, sparsity_summary
 from sparsefit.prune.structured import attach_structured
 from sparsefit.recover import RecoveryContext, RecoveryMethod, get_method
 from sparsefit.recover.base import report_json
 from sparsefit.walk import BlockCheckpoint, TeacherStep, resolve_device
+from sparsefit.walk.activations import Activations
+from sparsefit.walk.blocks import InMemoryBlocks
 
 
 def versions() -> dict:
@@ -75,11 +80,11 @@ def evaluate_model(
     if corpora:
         results["ppl"] = {}
     for corpus in corpora:
-        stream, prefix = test_stream(tokenizer, corpus), window_prefix(tokenizer)  # prefix: a BOS if it adds one
-        total = eval_windows(stream, seqlen, max_tokens, corpus.max_windows, prefix).shape[0]
+        stream = test_stream(tokenizer, corpus)
+        total = eval_windows(stream, seqlen, max_tokens, corpus.max_windows).shape[0]
         with progress(f"ppl {corpus.name} @ {seqlen}", total) as update:
             res = perplexity(model, stream, seqlen=seqlen, max_tokens=max_tokens, max_windows=corpus.max_windows,
-                             batch_size=batch_size, device=device, prefix=prefix,
+                             batch_size=batch_size, device=device,
                              progress=lambda done, _total: update(done=done))  # fmt: skip
         results["ppl"][corpus.name] = res.to_dict()
     if task_names:
@@ -91,6 +96,31 @@ def evaluate_model(
                     progress=lambda _task, done, total: update(done=done, total=total),
                 ))  # fmt: skip
     model.to("cpu")
+    return results
+
+
+def evaluate_streamed(
+    folder: Path, *, ppl: list[str], seqlen: int = defaults.EVAL_SEQLEN, max_tokens: int | None = None,
+    device: torch.device | str = "cpu", progress: Bar = silent,
+) -> dict:  # fmt: skip
+    """Perplexity of a local safetensors folder, one block in memory at a time (the numbers of
+    :func:`evaluate_model`, bit for bit on the CPU)."""
+    from sparsefit.evaluate.perplexity import streamed_perplexity
+
+    check(seqlen > 0, f"seqlen {seqlen} must be a positive number of tokens")
+    check(max_tokens is None or max_tokens >= seqlen, f"max-tokens {max_tokens} is shorter than seqlen {seqlen}")
+    corpora = [get_corpus(name) for name in ppl]
+    opened = open_streamed(folder, torch.float32)
+    check_seqlen(opened.source.model.config, seqlen)
+    results: dict = {"ppl": {}} if corpora else {}
+    prefix = window_prefix(opened.tokenizer)  # a BOS when the tokenizer puts one in front of a text
+    for corpus in corpora:
+        stream = test_stream(opened.tokenizer, corpus)
+        with progress(f"ppl {corpus.name} @ {seqlen}", len(opened.source)) as update:
+            res = streamed_perplexity(opened.source, stream, seqlen=seqlen, max_tokens=max_tokens,
+                                      max_windows=corpus.max_windows, device=device, prefix=prefix,
+                                      progress=lambda done, total: update(done=done, total=total))  # fmt: skip
+        results["ppl"][corpus.name] = res.to_dict()
     return results
 
 
@@ -168,6 +198,7 @@ def check_outputs(eval_ppl: str | list[str], out: Path, overwrite: bool) -> list
 def prune_interleaved(
     model: nn.Module, calib: torch.Tensor, config: PruneConfig, method: RecoveryMethod | None = None,
     method_config=None, *, checkpoint: BlockCheckpoint | None = None, resume: bool = False, progress: Bar = silent,
+    source: InMemoryBlocks | None = None, activations: Activations | None = None,
 ) -> dict:  # fmt: skip
     """Prune ``model`` and, with a block-wise ``method``, recover each block right after pruning it: the order of
     EBFT's and DSnoT's reference code (statistics, targets and masks from the recovered model's own inputs)."""
@@ -182,7 +213,7 @@ def prune_interleaved(
         keep_dense = target == "sparse-path"
     return prune_model(model, calib, config, steps_before=steps_before, recover_steps=recover_steps,
                        keep_dense_outputs=keep_dense, checkpoint=checkpoint, resume=resume,
-                       progress=progress)  # fmt: skip
+                       progress=progress, source=source, activations=activations)  # fmt: skip
 
 
 def _evaluate_and_sparsity(model, tokenizer, pattern, corpora, seqlen, max_tokens, device, timings, progress):
@@ -200,6 +231,78 @@ def _fingerprint(**parts) -> dict:
     return json.loads(json.dumps(parts, default=str))
 
 
+def _memory_record(streamed: bool, activations: Activations) -> dict:
+    """How the run held its weights and activations, for run.json."""
+    return {"streamed": streamed, "act_dtype": str(activations.dtype).replace("torch.", ""),
+            "activation_budget": activations.budget, "spilled_sets": activations.spilled}  # fmt: skip
+
+
+def _window_span(method_config) -> int:
+    window_blocks = getattr(method_config, "window_blocks", None)
+    return max(window_blocks(), 1) if window_blocks is not None else 1
+
+
+def _run_prune_streamed(
+    folder: Path, model_name: str, config: PruneConfig, out: Path, method, method_config, *, dtype: str,
+    overwrite: bool, corpora: list[str], eval_seqlen: int, eval_max_tokens: int | None, trust_remote_code: bool,
+    recover: str | None, resume: bool, progress: Bar, act_dtype: torch.dtype, max_memory: int | None,
+) -> dict:  # fmt: skip
+    """:func:`run_prune` on a local safetensors folder, one block in memory at a time."""
+    device = resolve_device(config.device)
+    timings: dict[str, float] = {}
+    with timed(timings, "load_s"):
+        opened = open_streamed(folder, parse_dtype(dtype), trust_remote_code)
+    source, model = opened.source, opened.source.model
+    seqlens = (("--seqlen", config.seqlen), *((("--eval-seqlen", eval_seqlen),) if corpora else ()))
+    activations = check_resources(source, out, max_memory=max_memory, trains=method is not None and method.trains,
+                                  span=_window_span(method_config), n_windows=config.nsamples, seqlen=config.seqlen,
+                                  dtype=act_dtype, seqlens=seqlens)  # fmt: skip
+    config.check_model(model)
+    if method is not None:
+        method.check(model, method_config)
+    with timed(timings, "calibration_s"):
+        calib = calibration_windows(opened.tokenizer, get_corpus(config.calib), config.nsamples, config.seqlen,
+                                    config.seed)  # fmt: skip
+    recovery_config = {"method": recover, **method_config.to_dict()} if method is not None else None
+    checkpoint = BlockCheckpoint.for_output(
+        out, _fingerprint(model=model_name, prune=config.to_dict(), dtype=dtype, recover=recovery_config,
+                          act_dtype=str(act_dtype))  # fmt: skip
+    )
+    with timed(timings, "prune_s"):
+        walked = prune_interleaved(model, calib, config, method, method_config, checkpoint=checkpoint, resume=resume,
+                                   progress=progress, source=source, activations=activations)  # fmt: skip
+    reports = walked["blocks"]
+    sparsity = sparsity_summary(model, config.pattern, blocks=source.finished())
+    report = method.summarize(method_config, reports, (b for _, b in source.finished())) if method else None
+
+    def make_run(results: dict) -> tuple[dict, dict, dict[str, bytes]]:
+        run = {
+            "command": "prune",
+            "source_model": model_name,
+            "config": {**config.to_dict(), "dtype": dtype, "recover": recover},
+            "versions": versions(),
+            "timings": timings,
+            "progress": {"blocks_done": len(reports), "resumed_at": walked["start"]},
+            "blocks": reports,
+            "results": {"sparsity": sparsity["overall"], **results},
+            "memory": _memory_record(True, activations),
+        }
+        if "owl" in walked:
+            run["owl"] = walked["owl"]
+        extra = {}
+        if method is not None:
+            run["recovery"] = recovery_config
+            extra = recovery_files(method, report)
+        return run, sparsity, extra
+
+    save_streamed_run(out, opened, make_run, overwrite=overwrite, corpora=[get_corpus(c) for c in corpora],
+                      eval_seqlen=eval_seqlen, eval_max_tokens=eval_max_tokens, device=device,
+                      activations=Activations(act_dtype, activations.budget), timings=timings,
+                      progress=progress)  # fmt: skip
+    checkpoint.clear()
+    return json.loads((out / "run.json").read_text())
+
+
 def run_prune(
     model_name: str,
     config: PruneConfig,
@@ -215,14 +318,24 @@ def run_prune(
     recover_options: dict | None = None,
     resume: bool = False,
     progress: Bar = silent,
+    act_dtype: str = "auto",
+    max_memory: str | int | None = None,
+    stream: bool | None = None,
 ) -> dict:
     """Load ``model_name``, prune it with ``config`` and, with ``recover`` (a block-wise method), recover each block
     right after pruning it (EBFT's official order, and DSnoT's); evaluate; save a run folder. The walk is
     checkpointed after every block; ``resume`` continues from the last saved block.
+
+    A local safetensors folder streams (``stream`` None: whenever it can; False: load it whole, as built-ins,
+    GGUF files and hub models are): one block in memory at a time, the output written shard by shard.
+    ``act_dtype`` is the activations' dtype (auto: float32 on a CPU, bfloat16 on a GPU); beyond ``max_memory``
+    (e.g. "24GB") they spill to memory-mapped files in the run's partial folder.
     """
     config.validate()
     check(not (resume and config.slim), "--resume does not continue a structured prune; run it again")
     device = resolve_device(config.device)
+    activations_dtype = act_dtype_of(act_dtype, device)
+    budget = parse_size(max_memory)
     method = method_config = None
     if recover:
         method, method_config = choose_method(recover, recover_options or {}, config.nsamples, device,
@@ -230,9 +343,20 @@ def run_prune(
         check(method.blockwise, f"--recover {recover} trains the whole model, not block by block; prune first, "
                                 f"then use sparsefit recover --method {recover} (or a recipe)")  # fmt: skip
     corpora = check_outputs(eval_ppl, out, overwrite)
+    # A structured prune slices the blocks: its output is not shaped like the source's shards, so it loads whole.
+    folder = streamable(model_name) if stream is not False and not config.slim else None
+    if folder is not None:
+        return _run_prune_streamed(folder, model_name, config, out, method, method_config, dtype=dtype,
+                                   overwrite=overwrite, corpora=corpora, eval_seqlen=eval_seqlen,
+                                   eval_max_tokens=eval_max_tokens, trust_remote_code=trust_remote_code,
+                                   recover=recover, resume=resume, progress=progress, act_dtype=activations_dtype,
+                                   max_memory=budget)  # fmt: skip
     timings: dict[str, float] = {}
     with timed(timings, "load_s"):
         loaded = load(model_name, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code)
+    check_seqlen(loaded.model.config, config.seqlen)
+    if corpora:
+        check_seqlen(loaded.model.config, eval_seqlen, "--eval-seqlen")
     config.check_model(loaded.model)
     if method is not None:
         method.check(loaded.model, method_config)
@@ -241,11 +365,13 @@ def run_prune(
                                     config.seed)  # fmt: skip
     recovery_config = {"method": recover, **method_config.to_dict()} if method is not None else None
     checkpoint = BlockCheckpoint.for_output(
-        out, _fingerprint(model=loaded.source, prune=config.to_dict(), dtype=dtype, recover=recovery_config)
+        out, _fingerprint(model=loaded.source, prune=config.to_dict(), dtype=dtype, recover=recovery_config,
+                          act_dtype=str(activations_dtype))  # fmt: skip
     )
+    activations = Activations(activations_dtype, budget)
     with timed(timings, "prune_s"):
         walked = prune_interleaved(loaded.model, calib, config, method, method_config, checkpoint=checkpoint,
-                                   resume=resume, progress=progress)  # fmt: skip
+                                   resume=resume, progress=progress, activations=activations)  # fmt: skip
     reports = walked["blocks"]
     sparsity, results = _evaluate_and_sparsity(loaded.model, loaded.tokenizer, config.pattern, corpora, eval_seqlen,
                                                eval_max_tokens, device, timings, progress)  # fmt: skip
@@ -258,6 +384,7 @@ def run_prune(
         "progress": {"blocks_done": len(reports), "resumed_at": walked["start"]},
         "blocks": reports,
         "results": results,
+        "memory": _memory_record(False, activations),
     }
     if "owl" in walked:  # OWL: every block's outlier ratio and sparsity (the block reports carry them too)
         run["owl"] = walked["owl"]
@@ -265,7 +392,7 @@ def run_prune(
         run["structured"] = walked["structured"]
     extra = {}
     if method is not None:
-        report = method.summarize(method_config, reports, loaded.model)
+        report = method.summarize(method_config, reports, method.blocks_of(loaded.model))
         run["recovery"] = recovery_config
         extra = recovery_files(method, report)
     save_run(out, loaded.model, loaded.tokenizer, run, sparsity, overwrite=overwrite, extra_files=extra)
@@ -293,11 +420,17 @@ def run_recover(
     eval_seqlen: int = defaults.EVAL_SEQLEN,
     eval_max_tokens: int | None = None,
     progress: Bar = silent,
+    act_dtype: str = "auto",
+    max_memory: str | int | None = None,
+    stream: bool | None = None,
 ) -> dict:
     """Recover an existing sparse run folder with any method against a dense teacher (the two-step mode).
 
     The teacher defaults to the source model recorded in ``run_dir/run.json``; the calibration settings default
     to the ones the masks were made with. Block-wise methods checkpoint every block and ``resume``.
+    Block-wise methods stream a run folder of safetensors shards (``stream``, ``act_dtype`` and ``max_memory`` as
+    in :func:`run_prune`); the teacher streams too when it is a local safetensors folder (a built-in's cached
+    copy included), else it is loaded whole.
     """
     source_run, source_sparsity = read_run(run_dir)
     source_config = source_run.get("config", {})
@@ -316,25 +449,48 @@ def run_recover(
     method, config = choose_method(method_name, options or {}, nsamples, device_, pattern=pattern, seed=seed,
                                    resume=resume)  # fmt: skip
     corpora = check_outputs(eval_ppl, out, overwrite)
+    activations_dtype = act_dtype_of(act_dtype, device_)
+    max_bytes = parse_size(max_memory)
+    settings = dict(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size)
+    recovery_config = {"method": method_name, **config.to_dict()}
+    fingerprint = _fingerprint(source=str(run_dir), teacher=teacher, recover=recovery_config, budget=budget,
+                               act_dtype=str(activations_dtype), **settings)  # fmt: skip
+    streams = stream is not False and method.blockwise and not parse_pattern(pattern).slim  # sliced: in memory
+    folder = streamable(str(run_dir)) if streams else None
+    if folder is not None:
+        def make_run(results: dict, sparsity: dict, report: dict, timings: dict, activations: Activations) -> dict:
+            return {
+                "command": "recover", "source_model": teacher, "source_run": str(run_dir),
+                "config": {**source_config, **settings, "recover": method_name, "device": device},
+                "recovery": recovery_config, "versions": versions(), "timings": timings,
+                "results": {"sparsity": sparsity["overall"], **results},
+                "progress": {"blocks_done": len(report.get("blocks", []))},
+                "memory": _memory_record(True, activations),
+            }  # fmt: skip
+
+        return _run_recover_streamed(
+            folder, teacher, out, method, config, pattern=pattern, calib=calib, nsamples=nsamples, seqlen=seqlen,
+            seed=seed, batch_size=batch_size, device=device_, budget=budget, overwrite=overwrite, resume=resume,
+            corpora=corpora, eval_seqlen=eval_seqlen, eval_max_tokens=eval_max_tokens, progress=progress,
+            act_dtype=activations_dtype, max_memory=max_bytes, fingerprint=fingerprint, make_run=make_run,
+        )  # fmt: skip
     timings: dict[str, float] = {}
     with timed(timings, "load_s"):
         sparse = load(str(run_dir))
         dense = load(teacher)
     if parse_pattern(pattern).slim:  # the share removed, measured against the dense teacher
         attach_structured(sparse.model, dense.model)
+    check_seqlen(sparse.model.config, seqlen)
+    if corpora:
+        check_seqlen(sparse.model.config, eval_seqlen, "--eval-seqlen")
     with timed(timings, "calibration_s"):
         calib_ids = calibration_windows(sparse.tokenizer, get_corpus(calib), nsamples, seqlen, seed)
-    settings = dict(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size)
-    recovery_config = {"method": method_name, **config.to_dict()}
-    checkpoint = None
-    if method.blockwise:
-        checkpoint = BlockCheckpoint.for_output(
-            out, _fingerprint(source=str(run_dir), teacher=teacher, recover=recovery_config, budget=budget, **settings)
-        )
+    checkpoint = BlockCheckpoint.for_output(out, fingerprint) if method.blockwise else None
+    activations = Activations(activations_dtype, max_bytes)
     ctx = RecoveryContext(
         model=sparse.model, teacher=dense.model, tokenizer=sparse.tokenizer, calib_ids=calib_ids,
         pattern=parse_pattern(pattern), device=device_, seed=seed, budget_tokens=budget, batch_size=batch_size,
-        progress=progress, checkpoint=checkpoint, resume=resume,
+        progress=progress, checkpoint=checkpoint, resume=resume, activations=activations,
     )  # fmt: skip
     with timed(timings, "recover_s"):
         report = method.run(ctx, config)
@@ -352,8 +508,52 @@ def run_recover(
     }
     if method.blockwise:
         run["progress"] = {"blocks_done": len(report.get("blocks", []))}
+        run["memory"] = _memory_record(False, activations)
     save_run(out, sparse.model, sparse.tokenizer, run, sparsity, overwrite=overwrite,
              extra_files=recovery_files(method, report))  # fmt: skip
     if checkpoint is not None:
         checkpoint.clear()
     return {**run, "report": report}
+
+
+def _run_recover_streamed(
+    folder: Path, teacher: str, out: Path, method: RecoveryMethod, config, *, pattern: str, calib: str,
+    nsamples: int, seqlen: int, seed: int, batch_size: int, device: torch.device, budget: int | None,
+    overwrite: bool, resume: bool, corpora: list[str], eval_seqlen: int, eval_max_tokens: int | None,
+    progress: Bar, act_dtype: torch.dtype, max_memory: int | None, fingerprint: dict, make_run,
+) -> dict:  # fmt: skip
+    """:func:`run_recover` of a block-wise method on a run folder of safetensors shards, one block at a time."""
+    timings: dict[str, float] = {}
+    with timed(timings, "load_s"):
+        sparse = open_streamed(folder, torch.float32)
+        teacher_folder = resolve(teacher)
+        if teacher_folder is not None and streamable(str(teacher_folder)) is not None:
+            dense = open_streamed(teacher_folder, torch.float32, tokenizer=False).source  # one block at a time
+        else:
+            dense = load(teacher).model
+    model = sparse.source.model
+    seqlens = (("--seqlen", seqlen), *((("--eval-seqlen", eval_seqlen),) if corpora else ()))
+    activations = check_resources(sparse.source, out, max_memory=max_memory, trains=method.trains,
+                                  span=_window_span(config), n_windows=nsamples, seqlen=seqlen, dtype=act_dtype,
+                                  seqlens=seqlens)  # fmt: skip
+    with timed(timings, "calibration_s"):
+        calib_ids = calibration_windows(sparse.tokenizer, get_corpus(calib), nsamples, seqlen, seed)
+    checkpoint = BlockCheckpoint.for_output(out, fingerprint)
+    ctx = RecoveryContext(
+        model=model, teacher=dense, tokenizer=sparse.tokenizer, calib_ids=calib_ids, pattern=parse_pattern(pattern),
+        device=device, seed=seed, budget_tokens=budget, batch_size=batch_size, progress=progress,
+        checkpoint=checkpoint, resume=resume, source=sparse.source, activations=activations,
+    )  # fmt: skip
+    with timed(timings, "recover_s"):
+        report = method.run(ctx, config)
+    sparsity = sparsity_summary(model, pattern, blocks=sparse.source.finished())
+
+    def files(results: dict) -> tuple[dict, dict, dict[str, bytes]]:
+        return make_run(results, sparsity, report, timings, activations), sparsity, recovery_files(method, report)
+
+    save_streamed_run(out, sparse, files, overwrite=overwrite, corpora=[get_corpus(c) for c in corpora],
+                      eval_seqlen=eval_seqlen, eval_max_tokens=eval_max_tokens, device=device,
+                      activations=Activations(act_dtype, activations.budget), timings=timings,
+                      progress=progress)  # fmt: skip
+    checkpoint.clear()
+    return {**json.loads((out / "run.json").read_text()), "report": report}

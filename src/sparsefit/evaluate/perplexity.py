@@ -35,6 +35,10 @@ from torch import nn
 
 from sparsefit.data.calibration import check_prefix
 from sparsefit.errors import UsageError
+from sparsefit.walk.activations import Activations
+from sparsefit.walk.capture import capture_inputs
+from sparsefit.walk.device import model_to
+from sparsefit.walk.walker import call_block
 
 
 @dataclass(frozen=True)
@@ -168,3 +172,86 @@ def perplexity(
     value = math.exp(total_nll / (windows * seqlen))
     tokens = windows * (seqlen - len(prefix))
     return PerplexityResult(value=value, seqlen=seqlen, tokens=tokens, windows=windows)
+
+
+@torch.no_grad()
+def streamed_perplexity(
+    source,
+    stream: torch.Tensor,
+    seqlen: int = 1024,
+    max_tokens: int | None = None,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+    max_windows: int | None = None,
+    activations=None,
+    prefix: Sequence[int] = (),
+) -> PerplexityResult:
+    """:func:`perplexity` of a model whose blocks stream from its shards (``source``: a
+    :class:`sparsefit.walk.blocks.StreamedBlocks`): the embeddings give every window's hidden states, each block
+    in turn runs on all of them (one block in memory), then the final norm and head give each window's loss.
+
+    Each block runs on one window at a time, as the in-memory forward does with ``batch_size=1``, so the numbers
+    are the same on the CPU. ``activations`` keeps the hidden states (default: float32 in memory).
+    ``progress(done, total)`` counts blocks, then windows. ``prefix`` starts every window, as in :func:`perplexity`.
+    """
+    data = eval_windows(stream, seqlen, max_tokens, max_windows, prefix)
+    skip = max(len(prefix) - 1, 0)
+    windows = data.shape[0]
+    model, adapter = source.model, source.adapter
+    context = _context_length(model)
+    if context is not None and seqlen > context:
+        raise UsageError(
+            f"seqlen {seqlen} is longer than the model's context ({context} positions); use a smaller --seqlen"
+        )
+    device = torch.device(device)
+    store = activations if activations is not None else Activations()
+    with source.modules(*adapter.embeddings):
+        hidden, block_kwargs = capture_inputs(model, adapter, data, device=device, batch_size=1, store=store)
+    steps = len(source) + windows
+    for index in range(len(source)):
+        block = source.load(index).to(device)
+        kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in block_kwargs[index].items()}
+        try:
+            for row in range(windows):
+                out = call_block(block, hidden[row : row + 1].to(device, next(block.parameters()).dtype), kwargs)
+                hidden[row : row + 1] = out.to("cpu", hidden.dtype)
+        finally:
+            block.to("cpu")
+            source.release(index)
+        if progress is not None:
+            progress(index + 1, steps)
+
+    # The model's own head turns the last hidden states into logits (final norm, output layer, any soft-capping):
+    # every block passes its input through, and the last one hands over the streamed hidden states instead.
+    blocks = adapter.get_blocks(model)
+    current: list[torch.Tensor] = []
+
+    def passthrough(index: int):
+        def forward(*args, **kwargs):
+            if index == len(blocks) - 1:
+                return current[0]
+            return args[0] if args else next(iter(kwargs.values()))
+
+        return forward
+
+    total_nll = 0.0
+    with source.modules(*adapter.embeddings, *source.head_paths()):
+        model_to(model, device)
+        try:
+            for index, block in enumerate(blocks):
+                block.forward = passthrough(index)
+            for row in range(windows):
+                current[:] = [hidden[row : row + 1].to(device, next(model.get_output_embeddings().parameters()).dtype)]
+                batch = data[row : row + 1].to(device)
+                logits = model(input_ids=batch, use_cache=False).logits
+                shifted = logits[0, skip:-1, :].float()
+                loss = F.cross_entropy(shifted, batch[0, skip + 1 :].to(shifted.device), reduction="mean")
+                total_nll += loss.item() * seqlen  # the reference's convention (see the module docstring)
+                if progress is not None:
+                    progress(len(source) + row + 1, steps)
+        finally:
+            for block in blocks:
+                block.__dict__.pop("forward", None)
+            model_to(model, "cpu")
+    value = math.exp(total_nll / (windows * seqlen))
+    return PerplexityResult(value=value, seqlen=seqlen, tokens=windows * (seqlen - len(prefix)), windows=windows)

@@ -130,6 +130,48 @@ def resolve(name_or_path: str) -> Path | None:
     return None
 
 
+def streamable(name_or_path: str) -> Path | None:
+    """The folder a model streams from block by block: a local safetensors folder given by path (built-ins and
+    GGUF files are dequantised once and held in memory, where that is cheaper; hub ids load in memory)."""
+    if name_or_path in BUILTIN_MODELS:
+        return None
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir() or not (path / "config.json").is_file():
+        return None
+    if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
+        return path
+    return None
+
+
+def load_tokenizer(folder: Path, trust_remote_code: bool = False, required: bool = True):
+    """The tokenizer of a local folder (None when absent and not ``required``)."""
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        if not required:
+            return None
+        raise UsageError(f"could not load the tokenizer of {str(folder)!r}: {_first_line(exc)}") from None
+
+
+def context_length(config) -> int | None:
+    """The positions a model was built for (``max_position_embeddings``, GPT-2's ``n_positions``), if it says."""
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_seqlen(config, seqlen: int, what: str = "--seqlen") -> None:
+    """A window longer than the model's positions is one line before any work (not a run killed for memory)."""
+    limit = context_length(config)
+    if limit is not None and seqlen > limit:
+        raise UsageError(f"{what} {seqlen} is beyond the model's {limit} positions; use at most {limit}")
+
+
 def load(
     name_or_path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
 ) -> LoadedModel:

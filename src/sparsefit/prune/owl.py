@@ -143,11 +143,14 @@ def collect_outlier_ratios(
     device: torch.device,
     batch_size: int = 8,
     progress: Bar = silent,
+    source=None,
+    activations=None,
 ) -> list[float]:
     """The outlier ratio (LOD, %) of every decoder block of the dense ``model``, in block order; weights unchanged."""
     step = OutlierStep(m=m)
+    # No checkpoint: on the streamed path this walk reads the blocks and stores nothing.
     run_blocks(model, calib_ids, [step], device=device, batch_size=batch_size, progress=progress,
-               label=f"owl outlier ratios (M={m:g})")  # fmt: skip
+               label=f"owl outlier ratios (M={m:g})", source=source, activations=activations)  # fmt: skip
     return [step.ratios[index] for index in sorted(step.ratios)]
 
 

@@ -26,6 +26,8 @@ from sparsefit.prune.structured import (
     structured_support,
 )
 from sparsefit.prune.structured import METHODS as STRUCTURED_METHODS
+from sparsefit.walk.activations import Activations
+from sparsefit.walk.blocks import InMemoryBlocks
 from sparsefit.walk.checkpoint import BlockCheckpoint
 from sparsefit.walk.device import resolve_device
 from sparsefit.walk.driver import run_blocks
@@ -152,6 +154,8 @@ def prune_model(
     checkpoint: BlockCheckpoint | None = None,
     resume: bool = False,
     progress: Bar = silent,
+    source: InMemoryBlocks | None = None,
+    activations: Activations | None = None,
 ) -> dict:
     """Prune ``model`` in place with ``config`` on calibration windows ``calib_ids`` (N, L).
 
@@ -159,7 +163,8 @@ def prune_model(
     of the dense block); ``recover_steps`` right after (interleaved recovery, the EBFT order). The prune
     step keeps the dense outputs as targets when ``keep_dense_outputs`` (default: when there are recover
     steps). Returns the driver's result: per-block reports and timings; with OWL also ``"owl"``: the outlier
-    ratios and the sparsities of every block (which the block reports carry too).
+    ratios and the sparsities of every block (which the block reports carry too). ``source`` and ``activations``:
+    where the blocks and the activation sets live (:func:`sparsefit.walk.run_blocks`).
     """
     config.validate()
     plan = config.check_model(model)
@@ -176,7 +181,8 @@ def prune_model(
         # OWL's pre-pass: a walk over the still dense model (before any checkpoint restores pruned blocks).
         began = time.perf_counter()
         ratios = collect_outlier_ratios(model, calib_ids, config.owl_m, device=device,
-                                        batch_size=config.batch_size, progress=progress)  # fmt: skip
+                                        batch_size=config.batch_size, progress=progress, source=source,
+                                        activations=activations)  # fmt: skip
         sparsity = owl_sparsities(ratios, config.sparsity, config.owl_lambda)
         check_block_sparsities(sparsity, config.owl_lambda)
         owl = {
@@ -198,6 +204,7 @@ def prune_model(
     walked = run_blocks(
         model, calib_ids, [*owl_steps, *steps_before, step, *recover_steps], device=device,
         batch_size=config.batch_size, checkpoint=checkpoint, resume=resume, progress=progress, label=config.label(),
+        source=source, activations=activations,
     )  # fmt: skip
     if owl is not None:
         walked["owl"] = owl

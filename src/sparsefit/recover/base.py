@@ -16,7 +16,7 @@ option is one UsageError line naming what is accepted.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -28,6 +28,8 @@ from sparsefit.models.adapters import get_adapter
 from sparsefit.progress import Bar, silent
 from sparsefit.prune.pattern import Pattern
 from sparsefit.recover.training import make_config
+from sparsefit.walk.activations import Activations
+from sparsefit.walk.blocks import InMemoryBlocks
 from sparsefit.walk.checkpoint import BlockCheckpoint
 from sparsefit.walk.driver import run_blocks
 from sparsefit.walk.targets import TeacherStep, check_teacher
@@ -38,8 +40,8 @@ AUTO = "auto"  # the default preset: "cpu" on a CPU, "paper" on a GPU (for metho
 
 @dataclass
 class RecoveryContext:
-    model: nn.Module  # the pruned model, changed in place
-    teacher: nn.Module  # the dense model it was pruned from
+    model: nn.Module  # the pruned model, changed in place (a meta skeleton when ``source`` streams its blocks)
+    teacher: nn.Module | InMemoryBlocks  # the dense model it was pruned from, or a source of its blocks
     tokenizer: object
     calib_ids: torch.Tensor  # (N, L) calibration windows, the same for every method
     pattern: Pattern
@@ -54,6 +56,9 @@ class RecoveryContext:
     # Quality of an intermediate model (``model -> dict``), for what the saved model cannot show: LoRA's
     # adapter before merging. ``sparsefit compare`` passes its perplexity evaluation; None skips it.
     evaluate: Callable[[nn.Module], dict] | None = None
+    # Block-wise methods: where the sparse model's blocks live (None: in ``model``) and the activation sets.
+    source: InMemoryBlocks | None = None
+    activations: Activations | None = None
 
 
 class RecoveryMethod:
@@ -149,7 +154,9 @@ class BlockwiseMethod(RecoveryMethod):
     def block_steps(self, config, pattern: Pattern) -> list[BlockStep]:
         raise NotImplementedError
 
-    def summarize(self, config, reports: list[dict], model: nn.Module) -> dict:
+    def summarize(self, config, reports: list[dict], blocks: Iterable[nn.Module]) -> dict:
+        """The method's report from the walk's block ``reports`` and the finished ``blocks`` (one pass over them:
+        on the streamed path each is read back from disk in turn)."""
         raise NotImplementedError
 
     def run(self, ctx: RecoveryContext, config=None) -> dict:
@@ -157,14 +164,16 @@ class BlockwiseMethod(RecoveryMethod):
         config = self._config(ctx, config)
         n_windows, seqlen = ctx.calib_ids.shape
         config = self.with_budget(config, ctx.budget_tokens, n_windows, seqlen)
-        check_teacher(ctx.model, ctx.teacher, same_shapes=not ctx.pattern.slim)
+        teacher = ctx.teacher.model if isinstance(ctx.teacher, InMemoryBlocks) else ctx.teacher
+        check_teacher(ctx.model, teacher, same_shapes=not ctx.pattern.slim)
         self.check(ctx.model, config)
         steps = [TeacherStep(ctx.teacher, target=self.target(config), keep_block=self.needs_teacher_block(config)),
                  *self.block_steps(config, ctx.pattern)]  # fmt: skip
         result = run_blocks(ctx.model, ctx.calib_ids, steps, device=ctx.device, batch_size=ctx.batch_size,
                             checkpoint=ctx.checkpoint, resume=ctx.resume, progress=ctx.progress,
-                            label=self.name)  # fmt: skip
-        return self.summarize(config, result["blocks"], ctx.model)
+                            label=self.name, source=ctx.source, activations=ctx.activations)  # fmt: skip
+        blocks = (block for _, block in ctx.source.finished()) if ctx.source is not None else self.blocks_of(ctx.model)
+        return self.summarize(config, result["blocks"], blocks)
 
 
 class ModelMethod(RecoveryMethod):

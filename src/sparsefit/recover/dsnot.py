@@ -50,6 +50,7 @@ as the reference (``skip_layer mlp``). Works through the adapters for every arch
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -398,7 +399,7 @@ class DSnoT(BlockwiseMethod):
     def block_steps(self, config: DSnoTConfig, pattern: Pattern) -> list[BlockStep]:
         return [DSnoTStep(config, pattern)]
 
-    def summarize(self, config: DSnoTConfig, reports: list[dict], model: nn.Module) -> dict:
+    def summarize(self, config: DSnoTConfig, reports: list[dict], blocks: Iterable[nn.Module]) -> dict:
         blocks = [r["dsnot"] for r in reports if "dsnot" in r]
         layers = [layer for block in blocks for layer in block["layers"].values()]
         return {

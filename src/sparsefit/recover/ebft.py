@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -350,6 +350,8 @@ class EBFTStep(BlockStep):
         self.config = config
         self.all_weights = all_weights  # a structured (sliced) block: no mask, every remaining weight trains
         self.span = config.window_blocks()
+        # A window of N blocks trains its N-1 earlier blocks again: the driver keeps them loaded.
+        self.keep_blocks = max(self.span - 1, 0)
         self.window_inputs: torch.Tensor | None = None
         self.window_dense: torch.Tensor | None = None  # sparse-path: the dense blocks run on window_inputs
 
@@ -500,21 +502,16 @@ class EBFT(BlockwiseMethod):
     def block_steps(self, config: EBFTConfig, pattern) -> list[BlockStep]:
         return [EBFTStep(config, all_weights=pattern.slim)]
 
-    def summarize(self, config: EBFTConfig, reports: list[dict], model: nn.Module) -> dict:
-        blocks = [{"block": r["block"], **r["ebft"]} for r in reports if "ebft" in r]
-        model_blocks = self.blocks_of(model)
+    def summarize(self, config: EBFTConfig, reports: list[dict], blocks: Iterable[nn.Module]) -> dict:
+        fits = [{"block": r["block"], **r["ebft"]} for r in reports if "ebft" in r]
         # What EBFT trains: every kept (nonzero) linear weight, plus the norm weights when they train.
-        trainable = sum(
-            int((weight_matrix(layer) != 0).sum())
-            for block in model_blocks
-            for layer in prunable_layers(block).values()
-        )
-        if config.train_norms:
-            trainable += sum(
-                p.numel() for block in model_blocks for m in block.modules() if "norm" in type(m).__name__.lower()
-                for p in m.parameters(recurse=False)
-            )  # fmt: skip
-        return {"config": config.to_dict(), "blocks": blocks, "trainable_params": trainable}
+        trainable = 0
+        for block in blocks:
+            trainable += sum(int((weight_matrix(layer) != 0).sum()) for layer in prunable_layers(block).values())
+            if config.train_norms:
+                trainable += sum(p.numel() for m in block.modules() if "norm" in type(m).__name__.lower()
+                                 for p in m.parameters(recurse=False))  # fmt: skip
+        return {"config": config.to_dict(), "blocks": fits, "trainable_params": trainable}
 
     def artifacts(self, report: dict) -> dict[str, bytes]:
         """ebft.json, the loss-curve PNG and the per-block table."""

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from sparsefit.models.adapters import Adapter
+from sparsefit.walk.activations import Activations
 from sparsefit.walk.device import move_non_block_modules, to_device
 
 _DROPPED_KWARGS = ("past_key_values", "layer_past", "use_cache", "output_attentions", "cache_position")
@@ -52,10 +53,12 @@ def capture_inputs(
     batch_size: int = 8,
     store_dtype: torch.dtype = torch.float32,
     progress: Callable[[int], None] | None = None,
+    store: Activations | None = None,
 ) -> tuple[torch.Tensor, list[dict]]:
     """Return the first block's inputs, shape (N, L, H) on the CPU, and each block's kwargs (batch 1, CPU).
 
-    kwargs are recorded from a batch of one window and broadcast over any batch size later.
+    kwargs are recorded from a batch of one window and broadcast over any batch size later. With ``store``, the
+    inputs are one set of it (its dtype, on disk beyond its budget) instead of ``store_dtype`` in memory.
     """
     blocks = adapter.get_blocks(model)
     move_non_block_modules(model, adapter, device)
@@ -65,6 +68,8 @@ def capture_inputs(
     def recorder(index: int, block: nn.Module):
         def forward(*args, **kwargs):
             block_kwargs[index] = to_device(_named_call(block, args, kwargs), "cpu")
+            if index == len(blocks) - 1:
+                raise _StopForward  # the final norm and head are not needed (on the streamed path, not loaded)
             return args[0] if args else kwargs[_hidden_name(block)]
 
         return forward
@@ -72,7 +77,10 @@ def capture_inputs(
     try:
         for i, block in enumerate(blocks):
             block.forward = recorder(i, block)
-        base(input_ids=input_ids[:1].to(device), use_cache=False)
+        try:
+            base(input_ids=input_ids[:1].to(device), use_cache=False)
+        except _StopForward:
+            pass
     finally:
         for block in blocks:
             del block.forward  # drop the instance attribute; the class's forward is back
@@ -80,10 +88,17 @@ def capture_inputs(
     # Now only the first block's hidden states: stop the forward as soon as block 0 is reached.
     first = blocks[0]
     chunks: list[torch.Tensor] = []
+    dtype = store.dtype if store is not None else store_dtype
+    captured: list[torch.Tensor] = []  # the whole set, allocated by ``store`` once the hidden size is known
 
     def catch(module, args, kwargs):
         hidden = args[0] if args else kwargs[_hidden_name(module)]
-        chunks.append(hidden.detach().to("cpu", store_dtype))
+        if store is None:
+            chunks.append(hidden.detach().to("cpu", dtype))
+        else:
+            if not captured:
+                captured.append(store.empty((input_ids.shape[0], *hidden.shape[1:]), dtype))
+            captured[0][start : start + hidden.shape[0]] = hidden.detach().to("cpu", dtype)
         raise _StopForward
 
     handle = first.register_forward_pre_hook(catch, with_kwargs=True)
@@ -97,4 +112,4 @@ def capture_inputs(
                 progress(min(batch_size, input_ids.shape[0] - start))
     finally:
         handle.remove()
-    return torch.cat(chunks), block_kwargs
+    return (torch.cat(chunks) if store is None else captured[0]), block_kwargs

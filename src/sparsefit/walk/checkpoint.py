@@ -63,9 +63,11 @@ class BlockCheckpoint:
         save_tensors_atomically(block.state_dict(), self.folder / f"block_{index}.safetensors")
 
     def save(
-        self, index: int, block: nn.Module, carry: dict[str, torch.Tensor], reports: list[dict], total: int
+        self, index: int, block: nn.Module | None, carry: dict[str, torch.Tensor], reports: list[dict], total: int
     ) -> None:
-        self.save_block(index, block)
+        """``block`` None: the block's weights are already in the folder (the streamed path's block store)."""
+        if block is not None:
+            self.save_block(index, block)
         save_tensors_atomically(carry, self.folder / "carry.safetensors")
         progress = {"next_block": index + 1, "blocks_total": total, "reports": reports, "fingerprint": self.fingerprint}
         write_file_atomically(self.folder / "progress.json", json.dumps(progress, indent=2))

@@ -44,7 +44,20 @@ def move_non_block_modules(model: nn.Module, adapter: Adapter, device: torch.dev
     for module in model.modules():
         if id(module) in inside:
             continue
-        for _name, param in module.named_parameters(recurse=False):
+        move_own_tensors(module, device)
+
+
+def move_own_tensors(module: nn.Module, device: torch.device | str) -> None:
+    """Move a module's own parameters and buffers (not its children's); meta tensors (not loaded) stay meta."""
+    for _name, param in module.named_parameters(recurse=False):
+        if not param.is_meta:
             param.data = param.data.to(device)
-        for name, buf in list(module.named_buffers(recurse=False)):
+    for name, buf in list(module.named_buffers(recurse=False)):
+        if not buf.is_meta:
             module._buffers[name] = buf.to(device)
+
+
+def model_to(model: nn.Module, device: torch.device | str) -> None:
+    """``model.to(device)`` for a model whose unloaded weights are on the meta device (the streamed skeleton)."""
+    for module in model.modules():
+        move_own_tensors(module, device)

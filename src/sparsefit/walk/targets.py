@@ -14,6 +14,7 @@ from torch import nn
 
 from sparsefit.errors import UsageError
 from sparsefit.models.adapters import get_adapter, prunable_layers, weight_matrix
+from sparsefit.walk.blocks import InMemoryBlocks
 from sparsefit.walk.walker import BlockContext, BlockStep
 
 TARGETS = ("sparse-path", "dense-path")
@@ -43,12 +44,15 @@ class TeacherStep(BlockStep):
     """Set ``ctx.teacher_block`` and, with a ``target``, ``ctx.dense_outputs``; runs before any step changes the block.
 
     ``teacher``: a dense model of the same architecture whose block ``i`` is the dense block; None means the
-    block itself, still dense because this step runs before pruning (the interleaved order). ``keep_block``:
-    set ``ctx.teacher_block`` (a copy of the block when there is no teacher) for steps that read the dense
-    weights or collect statistics on the dense block (DSnoT).
+    block itself, still dense because this step runs before pruning (the interleaved order); a block source
+    (:class:`StreamedBlocks` of the dense folder) gives a second copy of just that block, read from its shards.
+    ``keep_block``: set ``ctx.teacher_block`` (a copy of the block when there is no teacher) for steps that
+    read the dense weights or collect statistics on the dense block (DSnoT).
     """
 
-    def __init__(self, teacher: nn.Module | None = None, target: str | None = None, keep_block: bool = False):
+    def __init__(
+        self, teacher: nn.Module | InMemoryBlocks | None = None, target: str | None = None, keep_block: bool = False
+    ):
         if target is not None and target not in TARGETS:
             raise UsageError(f"target {target!r} is not one of {', '.join(TARGETS)}")
         self.teacher = teacher
@@ -58,14 +62,17 @@ class TeacherStep(BlockStep):
 
     def restore(self, carry: dict[str, torch.Tensor], first_inputs: torch.Tensor) -> None:
         if self.target == "dense-path":
-            # The dense model's activations at block 0 equal the sparse model's: embeddings are not pruned.
-            self.dense_inputs = carry.get("dense_inputs", first_inputs.clone())
+            # None: the first block's dense inputs equal the sparse model's (embeddings are not pruned), copied
+            # from the first block's inputs when it is reached.
+            self.dense_inputs = carry.get("dense_inputs")
 
     def carry(self) -> dict[str, torch.Tensor]:
         return {"dense_inputs": self.dense_inputs} if self.dense_inputs is not None else {}
 
     def __call__(self, ctx: BlockContext) -> None:
-        if self.teacher is not None:
+        if isinstance(self.teacher, InMemoryBlocks):
+            block = self.teacher.original(ctx.index).to(ctx.device)  # a streamed teacher: its shards, one block
+        elif self.teacher is not None:
             block = get_adapter(self.teacher).get_blocks(self.teacher)[ctx.index].to(ctx.device)
         elif self.keep_block:
             block = copy.deepcopy(ctx.block)
@@ -77,7 +84,7 @@ class TeacherStep(BlockStep):
             return
         if self.target == "dense-path":
             if self.dense_inputs is None:
-                self.dense_inputs = ctx.inputs.clone()
+                self.dense_inputs = ctx.activations.clone(ctx.inputs)
             ctx.dense_outputs = ctx.run_all(self.dense_inputs, block)
             self.dense_inputs = ctx.dense_outputs
         else:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from sparsefit.models.adapters import Adapter
+from sparsefit.walk.activations import Activations
 from sparsefit.walk.device import to_device
 
 
@@ -44,6 +45,7 @@ class BlockContext:
     blocks: nn.ModuleList | None = None  # every block of the model (a window of blocks trains several)
     block_kwargs: Sequence[dict] = ()  # every block's kwargs, on the CPU
     changed_blocks: list[int] = field(default_factory=list)  # earlier blocks a step changed (to checkpoint again)
+    activations: Activations = field(default_factory=Activations)  # where new activation sets are allocated
 
     def kwargs_of(self, index: int) -> dict:
         """Block ``index``'s kwargs on the device."""
@@ -60,7 +62,7 @@ class BlockContext:
         inputs = self.inputs if inputs is None else inputs
         block = self.block if block is None else block
         kwargs = self.kwargs if kwargs is None else kwargs
-        outputs = torch.empty_like(inputs)
+        outputs = self.activations.empty_like(inputs)
         param_dtype = next(block.parameters()).dtype
         for start in range(0, inputs.shape[0], self.batch_size):
             batch = inputs[start : start + self.batch_size].to(self.device, param_dtype)
@@ -106,17 +108,20 @@ def walk_blocks(
     start: int = 0,
     on_block_done: Callable[[BlockContext, torch.Tensor], None] | None = None,
     note: Callable[[str], None] = _no_note,
+    source=None,
+    activations: Activations | None = None,
 ) -> torch.Tensor:
     """Run ``steps`` on every block from ``start``; return the last block's outputs (CPU).
 
     ``on_block_done(ctx, outputs)`` is called after each block is finished and back on the CPU: the
     place to checkpoint (``ctx.changed_blocks`` names earlier blocks a step changed too).
-    ``note(text)`` receives the steps' progress notes.
+    ``note(text)`` receives the steps' progress notes. ``source`` (a :mod:`sparsefit.walk.blocks` source, default
+    the model's own blocks) gives each block when the walk reaches it.
     """
     device = torch.device(device)
     blocks = adapter.get_blocks(model)
     for index in range(start, len(blocks)):
-        block = blocks[index]
+        block = source.load(index) if source is not None else blocks[index]
         began = time.perf_counter()
         block.to(device)
         ctx = BlockContext(
@@ -130,6 +135,7 @@ def walk_blocks(
             note=note,
             blocks=blocks,
             block_kwargs=block_kwargs,
+            activations=activations if activations is not None else Activations(),
         )
         for step in steps:
             step(ctx)

@@ -280,7 +280,7 @@ def run_compare(
                 if own_walk:
                     config = method.with_budget(configs[name], ctx.budget_tokens, nsamples, seqlen)
                     walked = prune_interleaved(student, calib_ids, prune_config, method, config, progress=progress)
-                    report = method.summarize(config, walked["blocks"], student)
+                    report = method.summarize(config, walked["blocks"], method.blocks_of(student))
                 else:
                     report = method.run(ctx, configs[name])
             entry["time_s"] = round(time.perf_counter() - started - eval_s[0], 2)

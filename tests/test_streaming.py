@@ -1,0 +1,290 @@
+"""The streamed path: a safetensors folder walked one block at a time gives bit-identical results to the in-memory
+path (prune, EBFT, DSnoT, two-step recovery, perplexity, resume), holds one block in memory, and refuses bad input
+in one line before any work."""
+
+import json
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_byte_tokenizer, make_tiny_model
+from sparsefit.app.jobs import run_prune, run_recover
+from sparsefit.cli import main
+from sparsefit.errors import UsageError
+from sparsefit.prune import PruneConfig
+from sparsefit.walk.activations import Activations
+
+EBFT = {"preset": "cpu", "epochs": 1, "lr": 1e-3}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly bakers".split()
+    (root / "corpus.txt").write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(120)) for _ in range(30)))
+    return root / "corpus.txt"
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch, one_thread):
+    monkeypatch.setenv("SPARSEFIT_HOME", str(tmp_path / "home"))
+
+
+def sharded(path: Path, arch: str = "llama", layers: int = 3, shard: str = "40KB") -> Path:
+    """A random-weight model written as several safetensors shards with an index, and a byte tokenizer."""
+    make_tiny_model(arch, layers=layers).save_pretrained(path, max_shard_size=shard)
+    make_byte_tokenizer().save_pretrained(path)
+    assert len(list(path.glob("*.safetensors"))) > 2 and (path / "model.safetensors.index.json").exists()
+    return path
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(shard))
+    return out
+
+
+def assert_same_weights(streamed: Path, in_memory: Path) -> None:
+    a, b = tensors(streamed), tensors(in_memory)
+    assert set(a) == set(b)
+    different = [name for name in a if not torch.equal(a[name], b[name])]
+    assert not different, different[:5]
+
+
+def config(corpus, **extra) -> PruneConfig:
+    return PruneConfig(method="wanda", sparsity=0.5, calib=str(corpus), nsamples=6, seqlen=32, batch_size=2,
+                       device="cpu", **extra)  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_streamed_prune_and_ebft_equal_the_in_memory_path(arch, corpus, tmp_path):
+    model = sharded(tmp_path / "model", arch)
+    common = dict(recover="ebft", recover_options=EBFT, eval_ppl=[str(corpus)], eval_seqlen=64, eval_max_tokens=256)
+    streamed = run_prune(str(model), config(corpus), tmp_path / "s", **common)
+    in_memory = run_prune(str(model), config(corpus), tmp_path / "m", stream=False, **common)
+    assert streamed["memory"]["streamed"] and not in_memory["memory"]["streamed"]
+    assert_same_weights(tmp_path / "s", tmp_path / "m")
+    # The output keeps the source's shard layout and index.
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.safetensors")) == sorted(
+        p.name for p in model.glob("*.safetensors"))  # fmt: skip
+    index = json.loads((tmp_path / "s" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == json.loads((model / "model.safetensors.index.json").read_text())["weight_map"]
+    # Streamed perplexity is the in-memory forward's number, bit for bit.
+    assert streamed["results"]["ppl"] == in_memory["results"]["ppl"]
+    assert streamed["results"]["sparsity"] == in_memory["results"]["sparsity"]
+    ebft_s, ebft_m = (json.loads((tmp_path / run / "ebft.json").read_text()) for run in ("s", "m"))
+    for a, b in zip(ebft_s["blocks"], ebft_m["blocks"], strict=True):  # the same fits (timings aside)
+        assert a["train_curve"] == b["train_curve"] and a["final_loss"] == b["final_loss"]
+    # transformers loads the streamed output.
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+
+
+@pytest.mark.parametrize("options", [
+    {**EBFT, "target": "dense-path"},
+    {**EBFT, "window": "2"},
+])  # fmt: skip
+def test_streamed_ebft_variants_equal_the_in_memory_path(options, corpus, tmp_path):
+    model = sharded(tmp_path / "model", "llama", layers=4)
+    run_prune(str(model), config(corpus), tmp_path / "s", recover="ebft", recover_options=options)
+    run_prune(str(model), config(corpus), tmp_path / "m", recover="ebft", recover_options=options, stream=False)
+    assert_same_weights(tmp_path / "s", tmp_path / "m")
+
+
+@pytest.mark.parametrize("method, options", [("ebft", EBFT), ("dsnot", {})])
+def test_streamed_two_step_recovery_equals_the_in_memory_path(method, options, corpus, tmp_path):
+    model = sharded(tmp_path / "model", "qwen2")
+    run_prune(str(model), config(corpus), tmp_path / "pruned", stream=False)
+    # The pruned run folder is one file: re-shard it so the streamed recovery reads several.
+    from transformers import AutoModelForCausalLM
+
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    pruned.save_pretrained(tmp_path / "pruned", max_shard_size="40KB")
+    (tmp_path / "pruned" / "model.safetensors").unlink()
+    streamed = run_recover(tmp_path / "pruned", tmp_path / "s", method, options, device="cpu")
+    in_memory = run_recover(tmp_path / "pruned", tmp_path / "m", method, options, device="cpu", stream=False)
+    assert streamed["memory"]["streamed"] and not in_memory["memory"]["streamed"]
+    assert_same_weights(tmp_path / "s", tmp_path / "m")
+
+
+def cli(monkeypatch, *args) -> int:
+    monkeypatch.setattr("sys.argv", ["sparsefit", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+        raise SystemExit(0)
+    return exit_info.value.code
+
+
+def test_interrupted_streamed_run_resumes_bit_identically(corpus, monkeypatch, tmp_path):
+    from sparsefit.recover import ebft
+
+    model = sharded(tmp_path / "model", "llama", layers=4)
+    args = ["prune", "--model", model, "--calib", corpus, "--nsamples", 6, "--seqlen", 32, "--batch-size", 2,
+            "--device", "cpu", "--recover", "ebft", "--preset", "cpu", "--epochs", 1]  # fmt: skip
+    assert cli(monkeypatch, *args, "--out", tmp_path / "full") == 0
+    real = ebft.fine_tune_block
+    calls = []
+
+    def interrupt_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ebft, "fine_tune_block", interrupt_third)
+    assert cli(monkeypatch, *args, "--out", tmp_path / "resumed") == 130
+    assert not (tmp_path / "resumed").exists()
+    partial = tmp_path / ".resumed.partial"
+    assert json.loads((partial / "progress.json").read_text())["next_block"] == 2
+    assert sorted(p.name for p in partial.glob("block_*.safetensors")) == ["block_0.safetensors", "block_1.safetensors"]
+    monkeypatch.setattr(ebft, "fine_tune_block", real)
+    assert cli(monkeypatch, *args, "--out", tmp_path / "resumed", "--resume") == 0
+    assert_same_weights(tmp_path / "resumed", tmp_path / "full")
+    assert not partial.exists()
+
+
+def test_activations_in_bfloat16_and_spilled_to_disk(corpus, tmp_path):
+    model = sharded(tmp_path / "model")
+    from sparsefit.walk.shards import ShardedCheckpoint
+
+    shards = ShardedCheckpoint(model)
+    block = shards.nbytes([name for name in shards.tensors if name.startswith("model.layers.0.")])
+    # A budget just above one block's need (twice its weights when pruning): every activation set spills.
+    spilled = run_prune(str(model), config(corpus), tmp_path / "spill", max_memory=2 * block + 100)
+    plain = run_prune(str(model), config(corpus), tmp_path / "plain")
+    assert spilled["memory"]["spilled_sets"] > 0 and plain["memory"]["spilled_sets"] == 0
+    assert_same_weights(tmp_path / "spill", tmp_path / "plain")
+    bf16 = run_prune(str(model), config(corpus), tmp_path / "bf16", act_dtype="bfloat16")
+    assert bf16["memory"]["act_dtype"] == "bfloat16"
+    store = Activations(torch.bfloat16, budget=0)
+    store.begin(tmp_path)
+    spilled_set = store.empty((2, 3, 4))
+    spilled_set.fill_(1.5)
+    assert store.spilled == 1 and spilled_set.dtype == torch.bfloat16 and float(spilled_set.sum()) == 36.0
+    assert not list((tmp_path / "activations").iterdir())  # unlinked at once: a crash leaves nothing behind
+
+
+def one_line_error(monkeypatch, capsys, *args) -> str:
+    assert cli(monkeypatch, *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    return err
+
+
+def test_bad_input_is_one_line_before_any_work(corpus, monkeypatch, capsys, tmp_path):
+    model = sharded(tmp_path / "model")
+    base = ["prune", "--calib", corpus, "--nsamples", 4, "--seqlen", 32, "--device", "cpu"]
+    # --seqlen beyond the model's positions (512 for the tiny model)
+    assert "beyond the model's 512 positions" in one_line_error(monkeypatch, capsys, *base[:-4], "--seqlen", 100000,
+                                                                "--device", "cpu", "--model", model, "--out",
+                                                                tmp_path / "o1")  # fmt: skip
+    # --max-memory below one block's need
+    assert "below one block's need" in one_line_error(monkeypatch, capsys, *base, "--model", model,
+                                                      "--max-memory", "1KB", "--out", tmp_path / "o2")  # fmt: skip
+    assert "is not a size" in one_line_error(monkeypatch, capsys, *base, "--model", model, "--max-memory", "lots",
+                                             "--out", tmp_path / "o3")  # fmt: skip
+    # too little disk for the output
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(10**6, 10**6, 1000))
+    assert "free disk" in one_line_error(monkeypatch, capsys, *base, "--model", model, "--out", tmp_path / "o4")
+    monkeypatch.undo()
+    monkeypatch.setenv("SPARSEFIT_HOME", str(tmp_path / "home"))
+    # a shard that does not match the index, then a missing shard
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    first, second = sorted(set(index["weight_map"].values()))[:2]
+    name = next(k for k, v in index["weight_map"].items() if v == first)
+    index["weight_map"][name] = second
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert "does not match" in one_line_error(monkeypatch, capsys, *base, "--model", model, "--out", tmp_path / "o5")
+    (model / second).unlink()
+    assert "is missing" in one_line_error(monkeypatch, capsys, *base, "--model", model, "--out", tmp_path / "o6")
+    for out in ("o1", "o2", "o3", "o4", "o5", "o6"):
+        assert not (tmp_path / out).exists() and not (tmp_path / f".{out}.partial").exists()
+    with pytest.raises(UsageError):
+        run_prune(str(model), config(corpus), tmp_path / "o7")
+
+
+PEAK_SCRIPT = textwrap.dedent("""
+    import json, resource, sys, torch
+    from pathlib import Path
+    torch.set_num_threads(1)
+    from sparsefit.app.jobs import run_prune
+    from sparsefit.prune import PruneConfig
+    model, corpus, out = sys.argv[1:4]
+    config = PruneConfig(method="wanda", sparsity=0.5, calib=corpus, nsamples=4, seqlen=32, batch_size=2, device="cpu")
+    run_prune(model, config, Path(out), recover="ebft", recover_options={"preset": "cpu", "epochs": 1})
+    print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+""")
+
+
+def write_random_model(folder: Path, layers: int, hidden: int, blocks_per_shard: int = 8) -> int:
+    """A random-weight Llama written shard by shard, one tensor in memory at a time; returns its bytes."""
+    from accelerate import init_empty_weights
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparsefit.walk.shards import write_index, write_shard
+
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=8, num_key_value_heads=8, vocab_size=260, max_position_embeddings=512,
+                         tie_word_embeddings=True)  # fmt: skip
+    with init_empty_weights():
+        shapes = {name: tuple(p.shape) for name, p in LlamaForCausalLM(config).state_dict().items()}
+    shapes.pop("lm_head.weight")  # tied to the input embedding, as save_pretrained writes it
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    shards: dict[str, list[str]] = {}
+    for name in shapes:
+        block = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
+        shards.setdefault(f"model-{block // blocks_per_shard + 1:05d}.safetensors", []).append(name)
+    weight_map, total = {}, 0
+    for shard, names in shards.items():
+        entries = [(name, torch.float32, shapes[name],
+                    (lambda n=name: torch.ones(shapes[n]) if "norm" in n
+                     else torch.randn(shapes[n], generator=generator) * 0.02)) for name in names]  # fmt: skip
+        total += write_shard(folder / shard, entries)
+        weight_map.update(dict.fromkeys(names, shard))
+    write_index(folder / "model.safetensors.index.json", weight_map, total)
+    config.save_pretrained(folder)
+    make_byte_tokenizer().save_pretrained(folder)
+    return total
+
+
+@pytest.mark.slow
+def test_a_model_three_times_the_peak_rss_is_pruned_and_recovered(corpus, tmp_path):
+    """Peak RSS, not time: 160 blocks of 13 MB (2.1 GB) pruned and EBFT-recovered by a process that peaks below a
+    third of that (Python, torch and transformers alone take ~370 MB)."""
+    size = write_random_model(tmp_path / "big", layers=160, hidden=512)
+    src = Path(__file__).resolve().parents[1] / "src"
+    done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, tmp_path / "big", corpus, tmp_path / "out"],
+                          capture_output=True, text=True, env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin",
+                                                               "SPARSEFIT_HOME": str(tmp_path / "home")})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    peak = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss"]
+    print(f"model {size / 2**20:.0f} MiB, peak RSS {peak / 2**20:.0f} MiB, ratio {size / peak:.2f}")
+    assert size >= 3 * peak, (size, peak)
+    written = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert written == json.loads((tmp_path / "big" / "model.safetensors.index.json").read_text())["weight_map"]
+
+
+def test_eval_of_a_folder_streams_and_gives_the_in_memory_number(corpus, tmp_path):
+    from sparsefit.app.jobs import evaluate_model, evaluate_streamed
+    from sparsefit.models import load
+
+    model = sharded(tmp_path / "model", "gemma3")
+    streamed = evaluate_streamed(model, ppl=[str(corpus)], seqlen=64, max_tokens=512)
+    loaded = load(str(model))
+    assert streamed == evaluate_model(loaded.model, loaded.tokenizer, ppl=[str(corpus)], seqlen=64, max_tokens=512)
+    with pytest.raises(UsageError, match="beyond the model's 512 positions"):
+        evaluate_streamed(model, ppl=[str(corpus)], seqlen=1024)
