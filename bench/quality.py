@@ -69,11 +69,15 @@ ROWS: dict[str, dict] = {
     "70-owl": {"prune": {**W70, "owl_lambda": 0.08}, "ebft": CPU, "baseline": "70-owl-pruned"},
     "70-squarehead": {"prune": W70, "global": SQH},
     "70-cpu+squarehead": {"prune": W70, "ebft": CPU, "global": SQH},
+    "70-window2+squarehead": {"prune": W70, "ebft": {**CPU, "window": 2}, "global": SQH},
+    "70-window2-epochs8+squarehead": {"prune": W70, "ebft": {**CPU, "window": 2, "epochs": 8}, "global": SQH},
     "2:4-pruned": {"prune": W24},
     "2:4-cpu": {"prune": W24, "ebft": CPU},
     "2:4-relative": {"prune": W24, "ebft": REL},
     "2:4-sub-block": {"prune": W24, "ebft": {**CPU, "window": "sub-block"}},
     "2:4-cpu+squarehead": {"prune": W24, "ebft": CPU, "global": SQH},
+    "2:4-window2": {"prune": W24, "ebft": {**CPU, "window": 2}},
+    "2:4-window2+squarehead": {"prune": W24, "ebft": {**CPU, "window": 2}, "global": SQH},
 }
 
 

@@ -45,7 +45,7 @@ def prune_args(ws, out, *extra):
             "--device", "cpu", "--out", out, *extra]  # fmt: skip
 
 
-EBFT_ARGS = ["--recover", "ebft", "--ebft-preset", "cpu", "--lr", "1e-3", "--epochs", 2]
+EBFT_ARGS = ["--recover", "ebft", "--ebft-preset", "quick", "--lr", "1e-3", "--epochs", 2]
 
 
 def test_prune_writes_a_run_folder(workspace, monkeypatch, tmp_path):
@@ -144,7 +144,7 @@ def test_two_step_recover_from_a_run_folder(workspace, monkeypatch, tmp_path, ta
     pruned = tmp_path / "pruned"
     assert cli(monkeypatch, *prune_args(workspace, pruned, "--sparsity", "0.6")) == 0
     out = tmp_path / "recovered"
-    code = cli(monkeypatch, "recover", pruned, "--ebft-preset", "cpu", "--lr", "1e-3", "--epochs", 2,
+    code = cli(monkeypatch, "recover", pruned, "--ebft-preset", "quick", "--lr", "1e-3", "--epochs", 2,
                "--target", target, "--device", "cpu", "--out", out)  # fmt: skip
     assert code == 0
     before, after = load_file(pruned / "model.safetensors"), load_file(out / "model.safetensors")
@@ -203,7 +203,7 @@ def test_run_recipe_writes_report(workspace, monkeypatch, tmp_path, capsys):
     recipe.write_text(
         f"name: tiny\nmodel: {workspace / 'tiny'}\ndevice: cpu\n"
         f"prune: {{method: wanda, sparsity: 0.7, calib: {corpus}, nsamples: 8, seqlen: 64}}\n"
-        "recover: {preset: cpu, lr: 0.001, epochs: 2}\n"
+        "recover: {preset: quick, lr: 0.001, epochs: 2}\n"
         f"eval: {{ppl: [{corpus}], seqlen: 64, max_tokens: 512}}\n"
     )
     assert cli(monkeypatch, "run", recipe, "--runs-dir", tmp_path / "runs") == 0

@@ -124,12 +124,14 @@ def test_presets():
     ebft = get_method("ebft")
     paper = ebft.configure({"preset": "paper"})
     assert paper.lr == 2e-4 and paper.epochs == 10 and paper.batch_size == 8
-    assert ebft.configure({"preset": "cpu", "lr": 5e-4}).lr == 5e-4
-    # auto: the cpu preset on a CPU, the paper's on a GPU
-    assert ebft.configure({}, device=CPU).lr == 1e-3
-    assert ebft.configure({"preset": "auto"}, device=torch.device("cuda")).lr == 2e-4
+    assert ebft.configure({"preset": "quick", "lr": 5e-4}).lr == 5e-4
+    # auto: the cpu preset on a CPU, the gpu one (the paper's with held-out windows) on a GPU
+    auto_cpu = ebft.configure({}, device=CPU)
+    assert (auto_cpu.lr, auto_cpu.epochs, auto_cpu.loss) == (1e-3, 8, "token-relative")
+    auto_gpu = ebft.configure({"preset": "auto"}, device=torch.device("cuda"))
+    assert (auto_gpu.lr, auto_gpu.epochs, auto_gpu.heldout, auto_gpu.early_stop) == (2e-4, 10, 8, 2)
     with pytest.raises(UsageError, match="preset"):
-        ebft.configure({"preset": "gpu"})
+        ebft.configure({"preset": "tpu"})
 
 
 def test_gpt2_conv1d_masks_stay_fixed():

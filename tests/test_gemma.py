@@ -47,7 +47,7 @@ def test_dense_perplexity_needs_the_bos(gemma):
 def test_wanda_50_with_interleaved_ebft(tmp_path):
     wanda = run_prune("gemma3-270m", PruneConfig(**CONFIG), tmp_path / "wanda", **EVAL)
     ebft = run_prune("gemma3-270m", PruneConfig(**CONFIG), tmp_path / "ebft", recover="ebft",
-                     recover_options={"preset": "cpu", "epochs": 1}, **EVAL)  # fmt: skip
+                     recover_options={"preset": "quick", "epochs": 1}, **EVAL)  # fmt: skip
     pruned, recovered = wanda["results"]["ppl"]["wiki"]["value"], ebft["results"]["ppl"]["wiki"]["value"]
     blocks = json.loads((tmp_path / "ebft" / "ebft.json").read_text())["blocks"]
     lines = [

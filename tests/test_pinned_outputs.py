@@ -67,7 +67,7 @@ def pruned_pair():
 
 def run_interleaved() -> str:
     model = make_tiny_model("llama")
-    config = get_method("ebft").configure({"preset": "cpu", "epochs": 2, "batch_size": 2, "heldout": 2})
+    config = get_method("ebft").configure({"preset": "quick", "epochs": 2, "batch_size": 2, "heldout": 2})
     prune_model(model, IDS, prune_config(), recover_steps=[EBFTStep(config)], keep_dense_outputs=True)
     return checksum(model)
 
@@ -83,9 +83,9 @@ def run_method(name: str, **options) -> str:
 
 RUNS = {
     "ebft-interleaved": run_interleaved,
-    "ebft-two-step": lambda: run_method("ebft", preset="cpu", epochs=2, batch_size=2, heldout=2),
+    "ebft-two-step": lambda: run_method("ebft", preset="quick", epochs=2, batch_size=2, heldout=2),
     "ebft-dense-path-early-stop": lambda: run_method(
-        "ebft", preset="cpu", epochs=3, batch_size=2, heldout=2, early_stop=1, target="dense-path", lr=5e-2
+        "ebft", preset="quick", epochs=3, batch_size=2, heldout=2, early_stop=1, target="dense-path", lr=5e-2
     ),
     "dsnot": lambda: run_method("dsnot", layers="all"),
     "squarehead": lambda: run_method("squarehead", epochs=1, batch_size=2),

@@ -111,7 +111,7 @@ def test_a_window_of_two_blocks_trains_both_against_the_dense_output_of_the_seco
     masks = model_masks(sparse)
     pruned = copy.deepcopy(sparse)
     inputs, kwargs = block_inputs(sparse)
-    report = recover(dense, sparse, preset="cpu", epochs=3, batch_size=2, heldout=0, window=2, lr=3e-3)
+    report = recover(dense, sparse, preset="quick", epochs=3, batch_size=2, heldout=0, window=2, lr=3e-3)
     assert [b["window"] for b in report["blocks"]] == [[0, 1], [2, 3]]
     assert [b["block"] for b in report["blocks"]] == [1, 3]
     for name, keep in model_masks(sparse).items():
@@ -130,7 +130,7 @@ def test_a_window_of_two_blocks_trains_both_against_the_dense_output_of_the_seco
 def test_sub_block_window_fits_attention_then_mlp_and_keeps_masks(arch):
     dense, sparse = pruned_pair(arch)
     masks = model_masks(sparse)
-    report = recover(dense, sparse, preset="cpu", epochs=2, batch_size=2, heldout=0, window="sub-block")
+    report = recover(dense, sparse, preset="quick", epochs=2, batch_size=2, heldout=0, window="sub-block")
     for name, keep in model_masks(sparse).items():
         assert torch.equal(keep, masks[name]), name
     for block in report["blocks"]:
@@ -155,7 +155,7 @@ def test_sub_block_attention_fit_trains_only_the_attention_part(monkeypatch):
         return calls[1]
 
     monkeypatch.setattr(ebft, "fine_tune_block", attention_fit_only)
-    recover(dense, sparse, preset="cpu", epochs=2, batch_size=2, heldout=0, window="sub-block")
+    recover(dense, sparse, preset="quick", epochs=2, batch_size=2, heldout=0, window="sub-block")
     include = calls[0]
     assert include("self_attn.q_proj") and include("input_layernorm") and include("post_attention_layernorm")
     assert not include("mlp.up_proj") and not include("pre_feedforward_layernorm")
@@ -261,7 +261,7 @@ def test_token_relative_loss_weighs_every_token_alike():
 def test_a_token_relative_fit_lowers_its_loss_and_keeps_masks():
     dense, sparse = pruned_pair("gemma3")
     masks = model_masks(sparse)
-    report = recover(dense, sparse, preset="cpu", epochs=2, batch_size=2, heldout=2, loss="token-relative")
+    report = recover(dense, sparse, preset="quick", epochs=2, batch_size=2, heldout=2, loss="token-relative")
     assert all(b["final_heldout"] < b["initial_heldout"] for b in report["blocks"])
     assert report["config"]["loss"] == "token-relative"
     for name, keep in model_masks(sparse).items():

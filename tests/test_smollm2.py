@@ -53,7 +53,7 @@ def test_wanda_50_then_ebft(smol):
 
     ctx = RecoveryContext(model=model, teacher=teacher, tokenizer=loaded.tokenizer, calib_ids=calib,
                           pattern=parse_pattern("unstructured"), device=torch.device("cpu"),
-                          options={"preset": "cpu", "epochs": 1})  # fmt: skip
+                          options={"preset": "quick", "epochs": 1})  # fmt: skip
     result = get_method("ebft").run(ctx)
     assert all(b["final_loss"] < b["initial_loss"] for b in result["blocks"])
     recovered = perplexity(model, stream, **EVAL).value

@@ -20,7 +20,7 @@ from sparsefit.errors import UsageError
 from sparsefit.prune import PruneConfig
 from sparsefit.walk.activations import Activations
 
-EBFT = {"preset": "cpu", "epochs": 1, "lr": 1e-3}
+EBFT = {"preset": "quick", "epochs": 1, "lr": 1e-3}
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_interrupted_streamed_run_resumes_bit_identically(corpus, monkeypatch, t
 
     model = sharded(tmp_path / "model", "llama", layers=4)
     args = ["prune", "--model", model, "--calib", corpus, "--nsamples", 6, "--seqlen", 32, "--batch-size", 2,
-            "--device", "cpu", "--recover", "ebft", "--preset", "cpu", "--epochs", 1]  # fmt: skip
+            "--device", "cpu", "--recover", "ebft", "--preset", "quick", "--epochs", 1]  # fmt: skip
     assert cli(monkeypatch, *args, "--out", tmp_path / "full") == 0
     real = ebft.fine_tune_block
     calls = []
@@ -224,7 +224,7 @@ PEAK_SCRIPT = textwrap.dedent("""
     from sparsefit.prune import PruneConfig
     model, corpus, out = sys.argv[1:4]
     config = PruneConfig(method="wanda", sparsity=0.5, calib=corpus, nsamples=4, seqlen=32, batch_size=2, device="cpu")
-    run_prune(model, config, Path(out), recover="ebft", recover_options={"preset": "cpu", "epochs": 1})
+    run_prune(model, config, Path(out), recover="ebft", recover_options={"preset": "quick", "epochs": 1})
     print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """)
 

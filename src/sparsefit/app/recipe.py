@@ -7,7 +7,7 @@ A recipe is YAML with the sections below; every key is optional and unknown keys
     model: smollm2-135m
     prune:   {method: wanda, sparsity: 0.5, pattern: unstructured, calib: wiki, nsamples: 32, seqlen: 256, seed: 0,
               owl_lambda: null, owl_m: 5}   # owl_lambda 0.08: OWL's per-block sparsities (null/0: uniform)
-    recover: {method: ebft, preset: cpu}   # any method of `sparsefit recover`; the other keys are its options;
+    recover: {method: ebft, preset: quick} # any method of `sparsefit recover`; the other keys are its options;
                                            # `recover: null` skips it
     polish:  {method: squarehead, preset: cpu}  # optional: a short whole-model pass after `recover` (masks fixed),
                                                 # e.g. SquareHead's distillation after EBFT; default null
@@ -40,7 +40,7 @@ DEFAULT_PRUNE = {"method": defaults.QUICK.method, "sparsity": defaults.QUICK.spa
                  "pattern": defaults.QUICK.pattern, **defaults.calibration(defaults.QUICK),
                  "owl_lambda": defaults.QUICK.owl_lambda, "owl_m": defaults.QUICK.owl_m,
                  "gqa": defaults.QUICK.gqa, "keep_heads": defaults.QUICK.keep_heads}  # fmt: skip
-DEFAULT_RECOVER = {"method": defaults.RECOVER_METHOD, "preset": "cpu"}
+DEFAULT_RECOVER = {"method": defaults.RECOVER_METHOD, "preset": "quick"}
 DEFAULT_EVAL = {"ppl": list(defaults.EVAL_CORPORA), "seqlen": defaults.EVAL_SEQLEN,
                 "max_tokens": defaults.RUN_EVAL_MAX_TOKENS, "tasks": [], "limit": None}  # fmt: skip
 

@@ -71,10 +71,13 @@ class RecoveryMethod:
     writes: tuple[str, ...] = ()  # files the method adds to a run folder, besides recovery.json
 
     def preset_for(self, device: torch.device | None) -> str:
-        """The default preset: ``cpu`` on a CPU and ``paper`` on a GPU, when the method has both."""
+        """The default preset: ``cpu`` on a CPU; on a GPU ``gpu`` where the method has one, else ``paper``."""
         if "cpu" in self.presets and (device is None or device.type == "cpu"):
             return "cpu"
-        return "paper" if "paper" in self.presets else next(iter(self.presets))
+        for name in ("gpu", "paper"):
+            if name in self.presets:
+                return name
+        return next(iter(self.presets))
 
     def accepted(self) -> list[str]:
         """Every option name ``configure`` accepts."""
