@@ -248,3 +248,21 @@ def test_export_command(workspace, monkeypatch, tmp_path, capsys):
     assert "onnx" in capsys.readouterr().err
     assert cli(monkeypatch, "export", workspace / "tiny", "--out", tmp_path / "y") == 2
     assert "run" in capsys.readouterr().err
+
+
+def fake_cuda_peak(monkeypatch, mib: int) -> None:
+    """No GPU here: CUDA's counters are faked, to check where the peak is reported."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: mib * 2**20)
+
+
+def test_a_command_on_cuda_reports_its_peak_gpu_memory(workspace, monkeypatch, tmp_path, capsys):
+    fake_cuda_peak(monkeypatch, 123)
+    assert cli(monkeypatch, *prune_args(workspace, tmp_path / "streamed")) == 0  # a local folder: the streamed path
+    assert json.loads((tmp_path / "streamed" / "run.json").read_text())["memory"]["peak_gpu_mib"] == 123.0
+    assert "peak GPU memory 123 MiB" in capsys.readouterr().err
+    from sparsefit.app.jobs import save_run  # the in-memory path's writer
+
+    save_run(tmp_path / "in-memory", make_tiny_model(), None, {"command": "x"}, {})
+    assert json.loads((tmp_path / "in-memory" / "run.json").read_text())["memory"] == {"peak_gpu_mib": 123.0}

@@ -11,6 +11,7 @@ import typer
 from sparsefit.app import defaults
 from sparsefit.cli_progress import bar
 from sparsefit.errors import UsageError
+from sparsefit.walk.device import peak_gpu_mib
 
 app = typer.Typer(
     add_completion=False,
@@ -410,6 +411,9 @@ def main() -> None:
         if isinstance(exc, click.exceptions.Abort):
             sys.exit(130)
         raise
+    peak = peak_gpu_mib()
+    if peak is not None:
+        typer.echo(f"peak GPU memory {peak:.0f} MiB", err=True)
     if isinstance(code, int) and code:
         if code == 130:
             typer.echo("interrupted; run again with --resume to continue from the last finished block", err=True)

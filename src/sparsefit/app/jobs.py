@@ -36,6 +36,7 @@ from sparsefit.recover.base import report_json
 from sparsefit.walk import BlockCheckpoint, TeacherStep, resolve_device
 from sparsefit.walk.activations import Activations
 from sparsefit.walk.blocks import InMemoryBlocks
+from sparsefit.walk.device import peak_gpu_mib
 
 
 def versions() -> dict:
@@ -144,6 +145,10 @@ def save_run(
     extra_files: dict[str, bytes] | None = None,
 ) -> Path:
     """Write a run folder (checkpoint with exact zeros, sparsity.json, run.json, the method's files) atomically."""
+
+    peak = peak_gpu_mib()
+    if peak is not None:  # every command on CUDA reports its peak GPU memory
+        run = {**run, "memory": {**run.get("memory", {}), "peak_gpu_mib": peak}}
 
     def writer(tmp: Path) -> None:
         model.save_pretrained(tmp)

@@ -23,6 +23,7 @@ from sparsefit.models.loading import check_seqlen, load_tokenizer
 from sparsefit.progress import Bar, silent
 from sparsefit.walk.activations import Activations
 from sparsefit.walk.blocks import StreamedBlocks, skeleton
+from sparsefit.walk.device import peak_gpu_mib
 from sparsefit.walk.shards import ShardedCheckpoint
 
 GiB = 1024**3
@@ -153,6 +154,9 @@ def save_streamed_run(
                 timings["eval_s"] = round(time.perf_counter() - began, 3)
         run, sparsity, extra = make_run(results)
         (tmp / "sparsity.json").write_text(json.dumps(sparsity, indent=2))
+        peak = peak_gpu_mib()
+        if peak is not None:  # every command on CUDA reports its peak GPU memory
+            run = {**run, "memory": {**run.get("memory", {}), "peak_gpu_mib": peak}}
         (tmp / "run.json").write_text(json.dumps(run, indent=2, default=str))
         for name, data in extra.items():
             (tmp / name).write_bytes(data)

@@ -61,3 +61,10 @@ def model_to(model: nn.Module, device: torch.device | str) -> None:
     """``model.to(device)`` for a model whose unloaded weights are on the meta device (the streamed skeleton)."""
     for module in model.modules():
         move_own_tensors(module, device)
+
+
+def peak_gpu_mib() -> float | None:
+    """The process's peak CUDA memory so far (MiB, ``torch.cuda.max_memory_allocated``); None when CUDA never ran."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
