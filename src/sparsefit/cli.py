@@ -37,7 +37,7 @@ def _echo_table(title: str, header: list[str], rows: list[list[str]]) -> None:
 # Recovery options, shared by `prune --recover` and `recover`. None keeps the preset's value; a method that has no
 # such option refuses it in one line. `-o KEY=VALUE` sets any other option of the method.
 PRESET = typer.Option(defaults.PRESET, "--preset", "--ebft-preset",
-                      help="method defaults: paper, cpu, or auto (cpu on a CPU, paper on a GPU)")
+                      help="a preset of the method (sparsefit methods); auto: cpu on a CPU, gpu (else paper) on a GPU")
 LR = typer.Option(None, "--lr", help="learning rate (EBFT paper 2e-4)")
 EPOCHS = typer.Option(None, "--epochs", help="passes over the calibration windows (EBFT: per block, paper 10)")
 TRAIN_BATCH = typer.Option(None, "--train-batch", "--ebft-batch", help="windows per optimizer step (EBFT paper 8)")
@@ -361,7 +361,8 @@ def methods() -> None:
         kind = "block-wise (prune --recover, recover, --resume)" if method.blockwise else "whole model (recover, run)"
         rows = [[f.name, *(_cell(getattr(config, f.name)) for config in presets.values())]
                 for f in fields(next(iter(presets.values())))]  # fmt: skip
-        _echo_table(f"{name}: {kind}; preset auto = cpu on a CPU, paper on a GPU", ["option", *presets], rows)
+        title = f"{name}: {kind}; preset auto = cpu on a CPU, gpu (else paper) on a GPU"
+        _echo_table(title, ["option", *presets], rows)
 
 
 def _cell(value) -> str:

@@ -17,7 +17,7 @@ PRUNE = PruneConfig()
 QUICK = replace(PRUNE, nsamples=32, seqlen=256)
 
 RECOVER_METHOD = "ebft"
-PRESET = AUTO  # cpu on a CPU, paper on a GPU
+PRESET = AUTO  # cpu on a CPU; on a GPU the method's gpu preset, else paper
 
 EVAL_CORPORA = ("wiki", "books")
 EVAL_SEQLEN = 1024

@@ -35,7 +35,7 @@ from sparsefit.walk.driver import run_blocks
 from sparsefit.walk.targets import TeacherStep, check_teacher
 from sparsefit.walk.walker import BlockStep
 
-AUTO = "auto"  # the default preset: "cpu" on a CPU, "paper" on a GPU (for methods that have both)
+AUTO = "auto"  # the default preset: "cpu" on a CPU; "gpu" on a GPU, else "paper" (see preset_for)
 
 
 @dataclass
