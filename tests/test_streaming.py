@@ -262,8 +262,8 @@ def write_random_model(folder: Path, layers: int, hidden: int, blocks_per_shard:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="open defect (issue 10): alone it peaks at 560-570 MiB; in a full clean-clone CI "
-                   "run it peaked at 4.4 GiB, cause not found yet; the assertion stays, so the report shows which")
+@pytest.mark.xfail(strict=False, reason="open defect (issue 10): alone it peaks at 560-570 MiB; in a full clean-clone "
+                   "CI run at 4.4 GiB, cause not found yet; the assertion stays, so the report shows which")
 def test_a_model_three_times_the_peak_rss_is_pruned_and_recovered(corpus, tmp_path):
     """Peak RSS, not time: 160 blocks of 13 MB (2.1 GB) pruned and EBFT-recovered by a process that peaks below a
     third of that (Python, torch and transformers alone take ~370 MB)."""
