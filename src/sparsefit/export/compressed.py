@@ -33,7 +33,7 @@ from sparsefit.errors import UsageError
 from sparsefit.export.hf import model_card
 from sparsefit.export.masks import BITORDER, packed_shape, unpack_bits
 from sparsefit.export.run_folder import load_run_model, read_run, same_folder
-from sparsefit.models.loading import _check_safetensors
+from sparsefit.models.loading import read_safetensors_header
 from sparsefit.walk.masks import model_layers
 
 WEIGHTS_FILE = "model.sparse.safetensors"
@@ -224,7 +224,7 @@ def load_compressed(path: str | os.PathLike) -> tuple[nn.Module, Any]:
         )
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    _check_safetensors(weights)
+    read_safetensors_header(weights)
     try:
         with safe_open(str(weights), framework="pt") as handle:
             metadata = handle.metadata() or {}

@@ -81,14 +81,14 @@ def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """``{qualified layer name: BoolTensor (out, in)}`` from a masks file (or a folder holding one)."""
     from safetensors import safe_open
 
-    from sparsefit.models.loading import _check_safetensors
+    from sparsefit.models.loading import read_safetensors_header
 
     target = Path(path).expanduser()
     if target.is_dir():
         target = target / MASKS_FILE
     if not target.is_file():
         raise UsageError(f"masks file {str(target)!r} does not exist; export with --masks to write one")
-    _check_safetensors(target)  # a truncated file: one line, before safetensors' own message
+    read_safetensors_header(target)  # a truncated file: one line, before safetensors' own message
     bad = f"{str(target)!r} is not a valid sparsefit masks file"
     try:
         with safe_open(str(target), framework="pt") as handle:

@@ -51,13 +51,13 @@ def load_run_model(run_dir: str | os.PathLike) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from sparsefit.models.loading import _check_safetensors
+    from sparsefit.models.loading import read_safetensors_header
 
     path = check_run_folder(run_dir)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     for shard in path.glob("*.safetensors"):
-        _check_safetensors(shard)
+        read_safetensors_header(shard)
     try:
         # dtype="auto": an export must keep the dtype the run was saved in, not upcast it.
         model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", use_safetensors=True)

@@ -48,7 +48,7 @@ def _from_folder(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tup
     if not (path / "config.json").exists():
         raise UsageError(f"model folder {str(path)!r} has no config.json; give a Hugging Face checkpoint folder")
     for shard in path.glob("*.safetensors"):
-        _check_safetensors(shard)
+        read_safetensors_header(shard)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
@@ -59,8 +59,9 @@ def _from_folder(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tup
     return model, tokenizer
 
 
-def _check_safetensors(path: Path) -> None:
-    """Reject a truncated or corrupted safetensors file with one line, before transformers sees it."""
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file; a truncated or corrupted file is one UsageError line, before
+    transformers (or the streamed walk, ``walk/shards.py``) reads it."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as handle:
@@ -75,6 +76,7 @@ def _check_safetensors(path: Path) -> None:
         raise UsageError(
             f"{str(path)!r} is not a valid safetensors file ({exc}); re-create or re-download it"
         ) from None
+    return header
 
 
 def _first_line(exc: BaseException) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from sparsefit.errors import UsageError
+from sparsefit.models.loading import read_safetensors_header
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -74,21 +75,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def read_header(path: Path) -> dict:
     """The JSON header of a safetensors file; a truncated or corrupted file is one UsageError line."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            header_len = int.from_bytes(handle.read(8), "little")
-            if header_len <= 0 or 8 + header_len > size:
-                raise ValueError("header length out of range")
-            header = json.loads(handle.read(header_len))
-        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-        if 8 + header_len + end != size:
-            raise ValueError(f"expected {8 + header_len + end} bytes, found {size}")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise UsageError(
-            f"{str(path)!r} is not a valid safetensors file ({exc}); re-create or re-download it"
-        ) from None
-    return header
+    return read_safetensors_header(path)
 
 
 class ShardedCheckpoint:
