@@ -16,8 +16,13 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process so far, MiB: ``VmHWM`` where Linux has it, because ``ru_maxrss`` keeps
+    the forking parent's RSS across exec (a child of a big process would report the parent's size)."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def run_isolated(script: str, options: list[str], one: list[str], threads: int | None = None) -> dict:

@@ -21,39 +21,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from common import peak_rss_mb, run_isolated, write_results
 
 
 def write_random_model(folder: Path, layers: int, hidden: int, intermediate: int, heads: int, vocab: int) -> int:
     """A random-weight Llama as shards of 4 blocks, written one tensor at a time; returns its bytes."""
-    from accelerate import init_empty_weights
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from sparsefit.models.random import write_random_llama
 
-    from sparsefit.walk.shards import write_index, write_shard
-
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
-                         max_position_embeddings=4096, tie_word_embeddings=False)  # fmt: skip
-    with init_empty_weights():
-        shapes = {name: tuple(p.shape) for name, p in LlamaForCausalLM(config).state_dict().items()}
-    folder.mkdir(parents=True)
-    generator = torch.Generator().manual_seed(0)
-    shards: dict[str, list[str]] = {}
-    for name in shapes:
-        block = int(name.split(".")[2]) if name.startswith("model.layers.") else -4
-        shards.setdefault(f"model-{block // 4 + 2:05d}.safetensors", []).append(name)
-    weight_map, total = {}, 0
-    for shard, names in shards.items():
-        entries = [(name, torch.float32, shapes[name],
-                    (lambda n=name: torch.ones(shapes[n]) if "norm" in n
-                     else torch.randn(shapes[n], generator=generator) * 0.02)) for name in names]  # fmt: skip
-        total += write_shard(folder / shard, entries)
-        weight_map.update(dict.fromkeys(names, shard))
-    write_index(folder / "model.safetensors.index.json", weight_map, total)
-    config.save_pretrained(folder)
-    return total
+    return write_random_llama(folder, layers=layers, hidden=hidden, intermediate=intermediate, heads=heads,
+                              vocab=vocab)  # fmt: skip
 
 
 def one(args) -> dict:

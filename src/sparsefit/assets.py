@@ -19,7 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparsefit.atomic import write_atomically
+from sparsefit.atomic import cache_lock, write_atomically
 from sparsefit.errors import UsageError
 
 
@@ -182,8 +182,11 @@ def fetch(name: str) -> Path:
     target = home() / "assets" / name
     if (target / ".complete").exists():
         return target
-    archive = _download(asset, home() / "downloads")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _unpack(asset, archive, target)
-    (target / ".complete").write_text(asset.sha256)
+    with cache_lock(home() / "locks" / f"asset-{name}.lock"):
+        if (target / ".complete").exists():  # another process filled it while this one waited
+            return target
+        archive = _download(asset, home() / "downloads")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _unpack(asset, archive, target)
+        (target / ".complete").write_text(asset.sha256)
     return target

@@ -10,12 +10,32 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from sparsefit.errors import UsageError
+
+
+@contextmanager
+def cache_lock(lock: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``lock`` while a cache entry is filled: processes that start together
+    (torchrun's ranks, benchmark jobs) fill it once, the others wait and then find it filled."""
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        try:
+            import fcntl
+        except ImportError:  # not on POSIX: no lock (one process at a time is then the user's to ensure)
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def file_mode(base: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -299,10 +300,10 @@ def eval_(
         check_run_folder(model)  # before any work: --record needs a run folder
     device_ = resolve_device(device)
     folder = streamable(model)
-    if folder is not None and not parse_list(tasks):
-        # Perplexity alone walks a local safetensors folder block by block: any size fits.
+    if folder is not None:
+        # A local safetensors folder is walked block by block: any size fits.
         results = evaluate_streamed(folder, ppl=parse_list(ppl), seqlen=seqlen, max_tokens=max_tokens,
-                                    device=device_, progress=bar)  # fmt: skip
+                                    tasks=parse_list(tasks), limit=limit, device=device_, progress=bar)  # fmt: skip
     else:
         loaded = load(model)
         results = evaluate_model(loaded.model, loaded.tokenizer, ppl=parse_list(ppl), seqlen=seqlen,
@@ -391,15 +392,49 @@ def info(run_dir: Path = typer.Argument(..., help="a run folder or checkpoint fo
         typer.echo(f"pattern {pattern}: {'holds in every layer' if report['pattern_ok'] else 'VIOLATED'}")
 
 
+_ERRORS: list = []  # where a rank other than 0 prints its errors, once its other output is silenced
+
+
+def _join_processes() -> str:
+    """Under torchrun: join the process group, check every rank got the same command line, and keep the output
+    to rank 0 (the others print errors only). Returns the prefix of this process's error lines."""
+    from sparsefit import distributed
+
+    if not distributed.init():
+        return ""
+    distributed.check_same(sys.argv[1:], "arguments")
+    if not distributed.is_main():  # errors still reach the real stderr (see main)
+        _ERRORS.append(sys.stderr)
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+        import sparsefit.cli_progress as shown
+
+        shown.console.quiet = True
+    return f"rank {distributed.rank()}: "
+
+
 def main() -> None:
-    """Entry point: bad input is one line on stderr and exit code 2, never a traceback."""
+    """Entry point: bad input is one line on stderr and exit code 2, never a traceback.
+
+    Under torchrun (``torchrun --nproc-per-node N -m sparsefit ...``) each rank runs the same command on its share
+    of the windows; a rank that stops makes the others stop with one line and exit code 1, not hang.
+    """
+    from sparsefit import distributed
+
+    who = ""
+
+    def error(message: str, code: int) -> None:
+        print(f"error: {message}", file=_ERRORS[0] if _ERRORS else sys.stderr, flush=True)
+        sys.exit(code)
+
     try:
+        who = _join_processes()
         code = app(standalone_mode=False)  # returns 130 on Ctrl-C instead of raising
     except UsageError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        error(f"{who}{exc}", 2)
+    except distributed.DistributedError as exc:
+        error(str(exc), 1)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        print(f"{who}interrupted", file=_ERRORS[0] if _ERRORS else sys.stderr)
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -407,14 +442,16 @@ def main() -> None:
         import click
 
         if isinstance(exc, click.exceptions.ClickException):
-            typer.echo(f"error: {exc.format_message()}", err=True)
-            sys.exit(2)
+            error(f"{who}{exc.format_message()}", 2)
         if isinstance(exc, click.exceptions.Abort):
             sys.exit(130)
+        if _ERRORS:
+            sys.stderr = _ERRORS[0]  # a bug's traceback is shown on every rank
         raise
     peak = peak_gpu_mib()
     if peak is not None:
-        typer.echo(f"peak GPU memory {peak:.0f} MiB", err=True)
+        print(f"{who}peak GPU memory {peak:.0f} MiB", file=_ERRORS[0] if _ERRORS else sys.stderr)  # every rank's
+    distributed.finish()
     if isinstance(code, int) and code:
         if code == 130:
             typer.echo("interrupted; run again with --resume to continue from the last finished block", err=True)

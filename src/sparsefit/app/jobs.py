@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import sparsefit
+from sparsefit import distributed
 from sparsefit.app import defaults
 from sparsefit.app.streamed import act_dtype as act_dtype_of
 from sparsefit.app.streamed import check_resources, open_streamed, parse_size, save_streamed_run
@@ -86,7 +87,7 @@ def evaluate_model(
         with progress(f"ppl {corpus.name} @ {seqlen}", total) as update:
             res = perplexity(model, stream, seqlen=seqlen, max_tokens=max_tokens, max_windows=corpus.max_windows,
                              batch_size=batch_size, device=device,
-                             progress=lambda done, _total: update(done=done))  # fmt: skip
+                             progress=lambda done, total: update(done=done, total=total))  # fmt: skip
         results["ppl"][corpus.name] = res.to_dict()
     if task_names:
         results["tasks"] = {}
@@ -102,17 +103,22 @@ def evaluate_model(
 
 def evaluate_streamed(
     folder: Path, *, ppl: list[str], seqlen: int = defaults.EVAL_SEQLEN, max_tokens: int | None = None,
-    device: torch.device | str = "cpu", progress: Bar = silent,
+    tasks: list[str] | None = None, limit: int | None = None, device: torch.device | str = "cpu",
+    progress: Bar = silent,
 ) -> dict:  # fmt: skip
-    """Perplexity of a local safetensors folder, one block in memory at a time (the numbers of
-    :func:`evaluate_model`, bit for bit on the CPU)."""
+    """Perplexity and zero-shot accuracy of a local safetensors folder, one block in memory at a time (perplexity:
+    the numbers of :func:`evaluate_model`, bit for bit on the CPU; zero-shot: up to float rounding, as nothing is
+    padded here)."""
     from sparsefit.evaluate.perplexity import streamed_perplexity
+    from sparsefit.evaluate.zeroshot import streamed_tasks
 
     check(seqlen > 0, f"seqlen {seqlen} must be a positive number of tokens")
     check(max_tokens is None or max_tokens >= seqlen, f"max-tokens {max_tokens} is shorter than seqlen {seqlen}")
     corpora = [get_corpus(name) for name in ppl]
+    task_names = parse_tasks(",".join(tasks)) if tasks else []
     opened = open_streamed(folder, torch.float32)
-    check_seqlen(opened.source.model.config, seqlen)
+    if corpora:
+        check_seqlen(opened.source.model.config, seqlen)
     results: dict = {"ppl": {}} if corpora else {}
     prefix = window_prefix(opened.tokenizer)  # a BOS when the tokenizer puts one in front of a text
     for corpus in corpora:
@@ -122,6 +128,14 @@ def evaluate_streamed(
                                       max_windows=corpus.max_windows, device=device, prefix=prefix,
                                       progress=lambda done, total: update(done=done, total=total))  # fmt: skip
         results["ppl"][corpus.name] = res.to_dict()
+    if task_names:
+        results["tasks"] = {}
+        for task in task_names:
+            with progress(f"zero-shot {task}", 0) as update:
+                results["tasks"].update(streamed_tasks(
+                    opened.source, opened.tokenizer, [task], limit=limit, device=device,
+                    progress=lambda _task, done, total: update(done=done, total=total),
+                ))  # fmt: skip
     return results
 
 
@@ -131,7 +145,8 @@ def record_results(run_dir: Path, results: dict) -> None:
     merged = run.setdefault("results", {})
     for key, value in results.items():
         merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
-    write_file_atomically(Path(run_dir) / "run.json", json.dumps(run, indent=2))
+    text = json.dumps(run, indent=2)
+    distributed.on_main(lambda: write_file_atomically(Path(run_dir) / "run.json", text), "writing run.json")
 
 
 def save_run(
@@ -144,7 +159,8 @@ def save_run(
     overwrite: bool = False,
     extra_files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Write a run folder (checkpoint with exact zeros, sparsity.json, run.json, the method's files) atomically."""
+    """Write a run folder (checkpoint with exact zeros, sparsity.json, run.json, the method's files) atomically;
+    under torchrun rank 0 writes it and the other ranks wait for it."""
 
     peak = peak_gpu_mib()
     if peak is not None:  # every command on CUDA reports its peak GPU memory
@@ -159,7 +175,8 @@ def save_run(
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
 
-    return write_atomically(out, writer, overwrite=overwrite)
+    distributed.on_main(lambda: write_atomically(out, writer, overwrite=overwrite), "writing the run folder")
+    return Path(out)
 
 
 @contextmanager
@@ -446,6 +463,7 @@ def run_recover(
     seqlen = seqlen or source_config.get("seqlen", defaults.PRUNE.seqlen)
     seed = source_config.get("seed", defaults.PRUNE.seed) if seed is None else seed
     check(nsamples > 0, f"nsamples {nsamples} must be a positive number of windows")
+    distributed.check_windows(nsamples)
     check(seqlen > 0, f"seqlen {seqlen} must be a positive number of tokens")
     check(batch_size > 0, f"batch size {batch_size} must be positive")
     check(budget is None or budget > 0, f"budget {budget} must be a positive number of tokens")

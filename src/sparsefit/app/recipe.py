@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from sparsefit import distributed
 from sparsefit.app import defaults
 from sparsefit.app.jobs import choose_method, evaluate_model, recovery_files, save_run, versions
 from sparsefit.app.reports import gap_closed_both, recipe_report
@@ -189,6 +190,11 @@ def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), overwrite: bool =
                                     rows["recovered"]["ppl"][corpus]["value"])
             for corpus in rows["dense"].get("ppl", {})
         }  # fmt: skip
-    write_file_atomically(out / "report.md", recipe_report(summary, method.markdown(report) if method else None))
-    write_file_atomically(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    report_md = recipe_report(summary, method.markdown(report) if method else None)
+
+    def write() -> None:
+        write_file_atomically(out / "report.md", report_md)
+        write_file_atomically(out / "summary.json", json.dumps(summary, indent=2, default=str))
+
+    distributed.on_main(write, "writing the report")
     return summary

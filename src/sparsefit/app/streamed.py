@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from sparsefit.atomic import write_atomically
+from sparsefit import distributed
+from sparsefit.atomic import write_atomically, write_file_atomically
 from sparsefit.errors import UsageError, check
 from sparsefit.evaluate.perplexity import streamed_perplexity
 from sparsefit.models.loading import check_seqlen, load_tokenizer
@@ -122,14 +123,18 @@ def save_streamed_run(
 ) -> Path:
     """Write the run folder atomically: the output shards from the finished blocks (the source's layout and
     index), config, tokenizer; then perplexity on ``corpora`` from those shards; then ``make_run(results)`` gives
-    ``(run.json, sparsity.json, extra files)``."""
+    ``(run.json, sparsity.json, extra files)``.
+
+    Under torchrun rank 0 writes the folder (its run.json without the perplexities), every rank evaluates its share
+    of the test windows from the written shards, and rank 0 then writes run.json again, atomically, with them.
+    """
     import time
 
     from sparsefit.data import test_stream, window_prefix
 
     source = streamed.source
 
-    def writer(tmp: Path) -> None:
+    def write_model(tmp: Path) -> None:
         source.write_model(tmp)
         source.model.config.save_pretrained(tmp)
         generation = getattr(source.model, "generation_config", None)
@@ -137,10 +142,12 @@ def save_streamed_run(
             generation.save_pretrained(tmp)
         if streamed.tokenizer is not None:
             streamed.tokenizer.save_pretrained(tmp)
+
+    def evaluate(folder: Path) -> dict:
         results: dict = {}
         if corpora:
             began = time.perf_counter()
-            written = StreamedBlocks(source.model, ShardedCheckpoint(tmp), source.dtype)
+            written = StreamedBlocks(source.model, ShardedCheckpoint(folder), source.dtype)
             results["ppl"] = {}
             for corpus in corpora:
                 stream = test_stream(streamed.tokenizer, corpus)
@@ -152,13 +159,32 @@ def save_streamed_run(
                 results["ppl"][corpus.name] = res.to_dict()
             if timings is not None:
                 timings["eval_s"] = round(time.perf_counter() - began, 3)
+        return results
+
+    def write_records(folder: Path, results: dict, write: Callable[[Path, bytes], object]) -> None:
         run, sparsity, extra = make_run(results)
-        (tmp / "sparsity.json").write_text(json.dumps(sparsity, indent=2))
         peak = peak_gpu_mib()
         if peak is not None:  # every command on CUDA reports its peak GPU memory
             run = {**run, "memory": {**run.get("memory", {}), "peak_gpu_mib": peak}}
-        (tmp / "run.json").write_text(json.dumps(run, indent=2, default=str))
+        write(folder / "sparsity.json", json.dumps(sparsity, indent=2).encode())
         for name, data in extra.items():
-            (tmp / name).write_bytes(data)
+            write(folder / name, data)
+        write(folder / "run.json", json.dumps(run, indent=2, default=str).encode())  # last: the folder is complete
 
-    return write_atomically(out, writer, overwrite=overwrite)
+    if not distributed.active():
+
+        def writer(tmp: Path) -> None:
+            write_model(tmp)
+            write_records(tmp, evaluate(tmp), Path.write_bytes)
+
+        return write_atomically(out, writer, overwrite=overwrite)
+
+    def first(tmp: Path) -> None:
+        write_model(tmp)
+        write_records(tmp, {}, Path.write_bytes)
+
+    distributed.on_main(lambda: write_atomically(out, first, overwrite=overwrite), "writing the run folder")
+    results = evaluate(Path(out))
+    if results:
+        distributed.on_main(lambda: write_records(Path(out), results, write_file_atomically), "writing run.json")
+    return Path(out)

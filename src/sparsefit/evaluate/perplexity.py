@@ -34,11 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsefit.data.calibration import check_prefix
+from sparsefit.distributed import WindowShard, sum_values
 from sparsefit.errors import UsageError
-from sparsefit.walk.activations import Activations
-from sparsefit.walk.capture import capture_inputs
-from sparsefit.walk.device import model_to
-from sparsefit.walk.walker import call_block
+from sparsefit.evaluate.streamed import streamed_head, walk_hidden
 
 
 @dataclass(frozen=True)
@@ -131,11 +129,14 @@ def perplexity(
     where the model is) runs the model there; a model moved for this call is moved back afterwards.
     ``progress(done, total)`` is called after each batch with window counts. ``prefix`` (token ids, e.g.
     ``sparsefit.data.window_prefix(tokenizer)``) starts every window and is never scored; see the module docstring.
+    Under torchrun the windows are shared by the ranks and the losses summed (``progress`` counts this rank's).
     """
     _check_int("batch_size", batch_size, 1)
     data = eval_windows(stream, seqlen, max_tokens, max_windows, prefix)
     skip = max(len(prefix) - 1, 0)  # logits before the last prefix position predict prefix tokens: not scored
     windows = data.shape[0]
+    shard = WindowShard.spread(windows)
+    data = shard.take(data)
     context = _context_length(model)
     if context is not None and seqlen > context:
         raise UsageError(
@@ -154,7 +155,7 @@ def perplexity(
     try:
         total_nll = 0.0  # float64 (Python) accumulator; each window's nll is computed in float32
         done = 0
-        for start in range(0, windows, batch_size):
+        for start in range(0, data.shape[0], batch_size):
             batch = data[start : start + batch_size].to(target)
             logits = model(input_ids=batch, use_cache=False).logits
             for row in range(batch.shape[0]):  # one window at a time keeps the float32 copy of the logits small
@@ -164,14 +165,12 @@ def perplexity(
             done += batch.shape[0]
             del logits
             if progress is not None:
-                progress(done, windows)
+                progress(done, data.shape[0])
     finally:
         if movable:
             model.to(home)
         model.train(was_training)
-    value = math.exp(total_nll / (windows * seqlen))
-    tokens = windows * (seqlen - len(prefix))
-    return PerplexityResult(value=value, seqlen=seqlen, tokens=tokens, windows=windows)
+    return _reduced(total_nll, shard, windows, seqlen, prefix)
 
 
 @torch.no_grad()
@@ -196,62 +195,36 @@ def streamed_perplexity(
     """
     data = eval_windows(stream, seqlen, max_tokens, max_windows, prefix)
     skip = max(len(prefix) - 1, 0)
+    total_windows = data.shape[0]
+    shard = WindowShard.spread(total_windows)  # under torchrun: this rank's windows, the losses summed
+    data = shard.take(data)
     windows = data.shape[0]
-    model, adapter = source.model, source.adapter
-    context = _context_length(model)
+    context = _context_length(source.model)
     if context is not None and seqlen > context:
         raise UsageError(
             f"seqlen {seqlen} is longer than the model's context ({context} positions); use a smaller --seqlen"
         )
-    device = torch.device(device)
-    store = activations if activations is not None else Activations()
-    with source.modules(*adapter.embeddings):
-        hidden, block_kwargs = capture_inputs(model, adapter, data, device=device, batch_size=1, store=store)
-    steps = len(source) + windows
-    for index in range(len(source)):
-        block = source.load(index).to(device)
-        kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in block_kwargs[index].items()}
-        try:
-            for row in range(windows):
-                out = call_block(block, hidden[row : row + 1].to(device, next(block.parameters()).dtype), kwargs)
-                hidden[row : row + 1] = out.to("cpu", hidden.dtype)
-        finally:
-            block.to("cpu")
-            source.release(index)
-        if progress is not None:
-            progress(index + 1, steps)
-
-    # The model's own head turns the last hidden states into logits (final norm, output layer, any soft-capping):
-    # every block passes its input through, and the last one hands over the streamed hidden states instead.
-    blocks = adapter.get_blocks(model)
-    current: list[torch.Tensor] = []
-
-    def passthrough(index: int):
-        def forward(*args, **kwargs):
-            if index == len(blocks) - 1:
-                return current[0]
-            return args[0] if args else next(iter(kwargs.values()))
-
-        return forward
-
     total_nll = 0.0
-    with source.modules(*adapter.embeddings, *source.head_paths()):
-        model_to(model, device)
-        try:
-            for index, block in enumerate(blocks):
-                block.forward = passthrough(index)
-            for row in range(windows):
-                current[:] = [hidden[row : row + 1].to(device, next(model.get_output_embeddings().parameters()).dtype)]
-                batch = data[row : row + 1].to(device)
-                logits = model(input_ids=batch, use_cache=False).logits
-                shifted = logits[0, skip:-1, :].float()
-                loss = F.cross_entropy(shifted, batch[0, skip + 1 :].to(shifted.device), reduction="mean")
-                total_nll += loss.item() * seqlen  # the reference's convention (see the module docstring)
-                if progress is not None:
-                    progress(len(source) + row + 1, steps)
-        finally:
-            for block in blocks:
-                block.__dict__.pop("forward", None)
-            model_to(model, "cpu")
+    if windows == 0:  # under torchrun, a rank with no window of a short text adds nothing
+        return _reduced(total_nll, shard, total_windows, seqlen, prefix)
+    hidden = walk_hidden(source, [data], device=device, activations=activations,
+                         progress=(lambda done, _total: progress(done, len(source) + windows)) if progress else None)[0]
+    with streamed_head(source, device) as head:
+        for row in range(windows):
+            batch = data[row : row + 1]
+            logits = head(batch, hidden[row : row + 1])
+            shifted = logits[0, skip:-1, :].float()
+            loss = F.cross_entropy(shifted, batch[0, skip + 1 :].to(shifted.device), reduction="mean")
+            total_nll += loss.item() * seqlen  # the reference's convention (see the module docstring)
+            if progress is not None:
+                progress(len(source) + row + 1, len(source) + windows)
+    return _reduced(total_nll, shard, total_windows, seqlen, prefix)
+
+
+def _reduced(total_nll: float, shard: WindowShard, windows: int, seqlen: int,
+             prefix: Sequence[int]) -> PerplexityResult:  # fmt: skip
+    """The perplexity of all ``windows`` from this rank's summed nll (under torchrun, summed over the ranks)."""
+    if not shard.single:
+        total_nll = sum_values(total_nll)[0]
     value = math.exp(total_nll / (windows * seqlen))
     return PerplexityResult(value=value, seqlen=seqlen, tokens=windows * (seqlen - len(prefix)), windows=windows)

@@ -21,11 +21,13 @@ import inspect
 import itertools
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from sparsefit.data.calibration import window_prefix
+from sparsefit.distributed import WindowShard, all_gather
 from sparsefit.errors import UsageError
 from sparsefit.evaluate.tasks import TASKS, Doc, check_limit, check_task, load_task
 
@@ -98,6 +100,46 @@ def _max_length(model: nn.Module, tokenizer) -> int:
     return value if isinstance(value, int) and 0 < value < 1_000_000 else 2048
 
 
+@dataclass
+class Encoded:
+    """The requests as model inputs: ``inputs[i]`` (the context and continuation, less the last token, whose
+    prediction nobody needs, cut on the left to the model's positions as lm-eval does) and ``targets[i]`` (the
+    continuation tokens it predicts). Requests with the same input share one forward (``rows``)."""
+
+    inputs: list[tuple[int, ...]]
+    targets: list[list[int]]
+    rows: dict[tuple[int, ...], list[int]]
+
+    @classmethod
+    def of(cls, tokenizer, requests: Sequence[tuple[str, str]], max_length: int) -> Encoded:
+        prefix = window_prefix(tokenizer)  # what lm-eval's tok_encode puts in front: a BOS for Gemma, none for SmolLM2
+        inputs, targets, rows = [], [], {}
+        for index, (context, continuation) in enumerate(requests):
+            context_ids, continuation_ids = _encode_pair(tokenizer, prefix, context, continuation)
+            whole = (context_ids + continuation_ids)[-(max_length + 1) :]
+            inputs.append(tuple(whole[:-1]))
+            targets.append(continuation_ids[-(len(whole) - 1) :])
+            rows.setdefault(inputs[-1], []).append(index)
+        return cls(inputs, targets, rows)
+
+    def first_scored(self, inputs: tuple[int, ...]) -> int:
+        """The first position of ``inputs`` whose logits some request sharing it needs."""
+        return min(len(inputs) - len(self.targets[i]) for i in self.rows[inputs])
+
+    def score(self, inputs: tuple[int, ...], logits: torch.Tensor, offset: int, results: list) -> int:
+        """Fill ``results`` for every request of ``inputs`` from its ``logits`` (positions ``offset ..``, one row);
+        returns how many requests were scored."""
+        for index in self.rows[inputs]:
+            target = self.targets[index]
+            begin = len(inputs) - len(target) - offset
+            scores = torch.log_softmax(logits[begin : begin + len(target)].float(), dim=-1)
+            target_ids = torch.tensor(target, device=scores.device)
+            logprob = scores.gather(1, target_ids[:, None]).sum().item()
+            greedy = bool((scores.argmax(dim=-1) == target_ids).all())
+            results[index] = (logprob, greedy)
+        return len(self.rows[inputs])
+
+
 @torch.no_grad()
 def loglikelihoods(
     model: nn.Module,
@@ -113,20 +155,9 @@ def loglikelihoods(
     """
     if batch_size <= 0:
         raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
-    prefix = window_prefix(tokenizer)  # what lm-eval's tok_encode puts in front: a BOS for Gemma, none for SmolLM2
-    max_length = _max_length(model, tokenizer)
-    # (model input, continuation) per request; the input drops the last token, whose prediction nobody needs.
-    # Too-long inputs lose tokens on the left, as in lm-eval.
-    encoded = []
-    for context, continuation in requests:
-        context_ids, continuation_ids = _encode_pair(tokenizer, prefix, context, continuation)
-        whole = (context_ids + continuation_ids)[-(max_length + 1) :]
-        encoded.append((tuple(whole[:-1]), continuation_ids[-(len(whole) - 1) :]))
-    rows: dict[tuple[int, ...], list[int]] = {}
-    for index, (inputs, _) in enumerate(encoded):
-        rows.setdefault(inputs, []).append(index)
+    encoded = Encoded.of(tokenizer, requests, _max_length(model, tokenizer))
     # Longest first, as lm-eval does: the padding within a batch stays small and a memory error shows up at once.
-    order = sorted(rows, key=lambda inputs: (-len(inputs), inputs))
+    order = sorted(encoded.rows, key=lambda inputs: (-len(inputs), inputs))
     keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     results: list[tuple[float, bool] | None] = [None] * len(requests)
@@ -140,24 +171,52 @@ def loglikelihoods(
             input_ids[row, : len(inputs)] = torch.tensor(inputs)
             attention_mask[row, : len(inputs)] = 1
         # Only the positions that predict a continuation token need logits (vocab-sized rows are the memory cost).
-        first = min(len(inputs) - len(encoded[i][1]) for inputs in batch for i in rows[inputs])
+        first = min(encoded.first_scored(inputs) for inputs in batch)
         kwargs = {"logits_to_keep": width - first} if keep_logits else {}
         logits = model(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False, **kwargs
         ).logits
         offset = width - logits.shape[1]  # position of logits[:, 0]
         for row, inputs in enumerate(batch):
-            for index in rows[inputs]:
-                target = encoded[index][1]
-                begin = len(inputs) - len(target) - offset
-                scores = torch.log_softmax(logits[row, begin : begin + len(target)].float(), dim=-1)
-                target_ids = torch.tensor(target, device=scores.device)
-                logprob = scores.gather(1, target_ids[:, None]).sum().item()
-                greedy = bool((scores.argmax(dim=-1) == target_ids).all())
-                results[index] = (logprob, greedy)
-                done += 1
+            done += encoded.score(inputs, logits[row], offset, results)
         if progress is not None:
             progress(done, len(requests))
+    return results  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def streamed_loglikelihoods(
+    source,
+    tokenizer,
+    requests: Sequence[tuple[str, str]],
+    device: str | torch.device = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+    activations=None,
+) -> list[tuple[float, bool]]:
+    """:func:`loglikelihoods` of a model whose blocks stream from its shards (``source``: a
+    :class:`sparsefit.walk.blocks.StreamedBlocks`): the inputs, grouped by length (so no padding), go through
+    the embeddings, then each block in turn on all of them (one block in memory), then the final norm and head.
+    Equal to the in-memory numbers up to float rounding (no padding here; the in-memory batches pad). ``progress``
+    counts requests (scored after the last block)."""
+    from sparsefit.evaluate.streamed import streamed_head, walk_hidden
+
+    encoded = Encoded.of(tokenizer, requests, _max_length(source.model, tokenizer))
+    by_length: dict[int, list[tuple[int, ...]]] = {}
+    for inputs in sorted(encoded.rows):
+        by_length.setdefault(len(inputs), []).append(inputs)
+    groups = list(by_length.values())
+    hidden = walk_hidden(source, [torch.tensor(group, dtype=torch.long) for group in groups], device=device,
+                         activations=activations)  # fmt: skip
+    results: list[tuple[float, bool] | None] = [None] * len(requests)
+    done = 0
+    with streamed_head(source, device) as head:
+        for group, states in zip(groups, hidden, strict=True):
+            for row, inputs in enumerate(group):
+                first = encoded.first_scored(inputs)
+                logits = head(torch.tensor([inputs]), states[row : row + 1], logits_to_keep=len(inputs) - first)
+                done += encoded.score(inputs, logits[0], len(inputs) - logits.shape[1], results)
+                if progress is not None:
+                    progress(done, len(requests))
     return results  # type: ignore[return-value]
 
 
@@ -197,31 +256,54 @@ def evaluate_tasks(
     continuation) and ``{"lambada": {"acc", "ppl", "n"}}``. The model is moved to ``device`` and put in eval mode
     for the run; its training flag is restored afterwards.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
+    loaded = _load_tasks(tasks, limit)
+    was_training = model.training
+    model.to(device)
+    model.eval()
+    try:
+        return _score_tasks(loaded, lambda requests, report: loglikelihoods(model, tokenizer, requests, batch_size,
+                                                                             device, report), progress)  # fmt: skip
+    finally:
+        model.train(was_training)
+
+
+def streamed_tasks(source, tokenizer, tasks: list[str], limit: int | None = None, device: str | torch.device = "cpu",
+                   progress: Progress | None = None, activations=None) -> dict:  # fmt: skip
+    """:func:`evaluate_tasks` of a model whose blocks stream from its shards (one block in memory at a time)."""
+    loaded = _load_tasks(tasks, limit)
+    return _score_tasks(loaded, lambda requests, report: streamed_loglikelihoods(source, tokenizer, requests, device,
+                                                                                  report, activations), progress)
+
+
+def _load_tasks(tasks: list[str] | str, limit: int | None) -> dict[str, list[Doc]]:
+    """Every task's documents, loaded first so that a missing data file fails before any model time is spent."""
     if isinstance(tasks, str):  # "arc_easy,piqa" would otherwise be iterated letter by letter
         tasks = parse_tasks(tasks)
     for name in tasks:
         check_task(name)
     check_limit(limit)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
-    # Load every task first so that a missing data file fails before any model time is spent.
-    loaded = {name: load_task(name, limit) for name in dict.fromkeys(tasks)}
-    was_training = model.training
-    model.to(device)
-    model.eval()
-    try:
-        metrics = {}
-        for name, docs in loaded.items():
-            requests = [pair for doc in docs for pair in zip(doc.contexts, doc.continuations, strict=True)]
-            # Progress counts documents: a document is done once all its requests (one per choice) are scored.
-            ends = list(itertools.accumulate(len(doc.contexts) for doc in docs))
+    return {name: load_task(name, limit) for name in dict.fromkeys(tasks)}
 
-            def report(done: int, total: int, name: str = name, ends: list[int] = ends) -> None:
-                if progress is not None:
-                    progress(name, bisect.bisect_right(ends, done), len(ends))
 
-            results = loglikelihoods(model, tokenizer, requests, batch_size, device, report)
-            metrics[name] = score_docs(docs, results, lambada=name == "lambada")
-        return metrics
-    finally:
-        model.train(was_training)
+def _score_tasks(loaded: dict[str, list[Doc]], loglik: Callable, progress: Progress | None) -> dict:
+    """Each task's metrics from ``loglik(requests, report)``; under torchrun the documents are shared by the ranks."""
+    metrics = {}
+    for name, all_docs in loaded.items():
+        shard = WindowShard.spread(len(all_docs))
+        docs = shard.take(all_docs)
+        requests = [pair for doc in docs for pair in zip(doc.contexts, doc.continuations, strict=True)]
+        # Progress counts documents: a document is done once all its requests (one per choice) are scored.
+        ends = list(itertools.accumulate(len(doc.contexts) for doc in docs))
+
+        def report(done: int, total: int, name: str = name, ends: list[int] = ends) -> None:
+            if progress is not None:
+                progress(name, bisect.bisect_right(ends, done), len(ends))
+
+        results = loglik(requests, report)
+        if not shard.single:  # every rank's results per document, back in document order
+            per_doc = [results[start - len(doc.contexts) : start] for doc, start in zip(docs, ends, strict=True)]
+            results = [r for doc_results in shard.join(all_gather(per_doc)) for r in doc_results]
+        metrics[name] = score_docs(all_docs, results, lambada=name == "lambada")
+    return metrics

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sparsefit import assets
-from sparsefit.atomic import write_atomically
+from sparsefit.atomic import cache_lock, write_atomically
 from sparsefit.errors import UsageError
 
 BUILTIN_MODELS: dict[str, tuple[str, str]] = {
@@ -86,10 +86,17 @@ def _first_line(exc: BaseException) -> str:
 
 def dequantize_gguf(gguf: Path, out_dir: Path) -> Path:
     """Dequantize ``gguf`` to a float32 safetensors folder ``out_dir`` (atomically), once."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if (out_dir / "config.json").exists():
         return out_dir
+    with cache_lock(assets.home() / "locks" / f"model-{out_dir.name}.lock"):
+        if not (out_dir / "config.json").exists():  # else another process made it while this one waited
+            _dequantize(gguf, out_dir)
+    return out_dir
+
+
+def _dequantize(gguf: Path, out_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
         with open(gguf, "rb") as handle:
             if handle.read(4) != b"GGUF":
@@ -108,7 +115,6 @@ def dequantize_gguf(gguf: Path, out_dir: Path) -> Path:
         tokenizer.save_pretrained(tmp)
 
     write_atomically(out_dir, writer, overwrite=True)
-    return out_dir
 
 
 def resolve(name_or_path: str) -> Path | None:

@@ -96,6 +96,8 @@ def apply_mask(module: nn.Module, keep: torch.Tensor) -> None:
 class Pruner:
     """One layer's pruner: ``add_batch`` its inputs, then ``prune`` (in place), then ``free``.
 
+    Under torchrun each rank adds its own windows; ``reduce`` sums the statistics over the ranks before ``prune``.
+
     Subclasses set ``needs_calibration`` and implement ``prune``; statistics live on the weight's device.
     """
 
@@ -109,6 +111,9 @@ class Pruner:
 
     def add_batch(self, inp: torch.Tensor) -> None:
         """Accumulate statistics from the layer's inputs, shape (..., in_features)."""
+
+    def reduce(self) -> None:
+        """Sum the statistics over the ranks (every rank calls it, in the same order); nothing in one process."""
 
     def prune(self, sparsity: float | None, pattern: Pattern | str) -> torch.Tensor:
         """Zero pruned weights in place and return the bool keep mask (out, in)."""

@@ -120,6 +120,8 @@ class OutlierStep(BlockStep):
         stats = {name: WandaPruner(layer) for name, layer in layers.items()}
         with layer_inputs(layers, lambda name, inp: stats[name].add_batch(inp)):
             ctx.run_all()
+        for pruner in stats.values():  # under torchrun: every rank's windows
+            pruner.reduce()
 
         def metrics() -> Iterable[torch.Tensor]:
             for name, layer in layers.items():

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from sparsefit.distributed import check_windows
 from sparsefit.errors import check
 from sparsefit.models.adapters import weight_matrix
 from sparsefit.progress import Bar, silent
@@ -84,6 +85,7 @@ class PruneConfig:
         )
         parse_pattern(self.pattern)
         check(self.nsamples > 0, f"nsamples {self.nsamples} must be a positive number of windows")
+        check_windows(self.nsamples)  # under torchrun: every rank needs a window
         check(self.seqlen > 0, f"seqlen {self.seqlen} must be a positive number of tokens")
         check(self.batch_size > 0, f"batch size {self.batch_size} must be positive")
         resolve_device(self.device)

@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from sparsefit.distributed import active, all_reduce_sum
 from sparsefit.errors import UsageError
 from sparsefit.models.adapters import weight_matrix
 from sparsefit.prune.masks import Pruner, flatten_inputs, prune_lowest
@@ -181,6 +182,17 @@ class SparseGPTPruner(Pruner):
         self.nsamples += batch
         x = x * (2 / self.nsamples) ** 0.5
         self.hessian += x.t() @ x
+
+    def reduce(self) -> None:
+        """H over every rank's samples: the running averages weighted by their sample counts (float32 sums, in
+        another order than one process's running average: equal up to rounding)."""
+        if not active() or self.hessian is None:
+            return
+        self.hessian *= self.nsamples
+        count = torch.tensor([float(self.nsamples)], dtype=torch.float32, device=self.hessian.device)
+        all_reduce_sum(self.hessian, count)
+        self.nsamples = int(count.item())
+        self.hessian /= max(self.nsamples, 1)
 
     def prune(
         self, sparsity: float | None, pattern: Pattern | str, update_weights: bool | None = None

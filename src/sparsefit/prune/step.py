@@ -39,6 +39,9 @@ class PruneStep(BlockStep):
 
             with layer_inputs(layers, add):
                 dense = ctx.run_all()
+            for pruner in pruners.values():  # under torchrun: every rank's windows, before any mask is chosen
+                if pruner.needs_calibration:
+                    pruner.reduce()
             if self.keep_dense_outputs:
                 ctx.dense_outputs = dense
         sparsity = self.sparsity

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
+from sparsefit.distributed import active, all_reduce_sum
 from sparsefit.errors import check
 from sparsefit.walk.hooks import layer_inputs
 from sparsefit.walk.walker import BlockContext, BlockStep
@@ -182,6 +183,13 @@ class InputStats:
         self.tokens += x.shape[0]
         self.sum += x.sum(0)
         self.sumsq += x.square().sum(0)
+
+    def reduce(self) -> None:
+        """Sum over the ranks (under torchrun each holds some of the windows)."""
+        if active():
+            tokens = torch.tensor([float(self.tokens)], dtype=torch.float64)
+            all_reduce_sum(self.sum, self.sumsq, tokens)
+            self.tokens = int(tokens.item())
 
     @property
     def mean(self) -> torch.Tensor:
@@ -351,6 +359,8 @@ class StructuredStep(BlockStep):
         stats = {name: InputStats(layer.weight.shape[1]) for name, layer in layers.items()}
         with layer_inputs(layers, lambda name, inp: stats[name].add(inp)):
             outputs = ctx.run_all()
+        for input_stats in stats.values():
+            input_stats.reduce()
         if self.keep_dense_outputs:
             ctx.dense_outputs = outputs
         o_w, down_w = layers["o"].weight.detach().cpu(), layers["down"].weight.detach().cpu()

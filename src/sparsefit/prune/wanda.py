@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from sparsefit.distributed import active, all_reduce_sum
 from sparsefit.models.adapters import weight_matrix
 from sparsefit.prune.masks import Pruner, apply_mask, flatten_inputs, select_mask
 from sparsefit.prune.pattern import Pattern
@@ -32,6 +33,12 @@ class WandaPruner(Pruner):
         x = flatten_inputs(inp.detach().to(self.device), self.columns)  # float32 (tokens, in)
         self.sq_norms += x.square().sum(dim=0).double()
         self.tokens += x.shape[0]
+
+    def reduce(self) -> None:
+        if active() and self.sq_norms is not None:
+            tokens = torch.tensor([self.tokens], dtype=torch.float64, device=self.sq_norms.device)
+            all_reduce_sum(self.sq_norms, tokens)
+            self.tokens = int(tokens.item())
 
     def prune(self, sparsity: float | None, pattern: Pattern | str) -> torch.Tensor:
         sparsity, pattern = self._check(sparsity, pattern)

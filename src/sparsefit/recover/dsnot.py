@@ -56,6 +56,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from sparsefit.distributed import active, all_reduce_sum
 from sparsefit.errors import check
 from sparsefit.models.adapters import prunable_layers, weight_matrix
 from sparsefit.prune.masks import flatten_inputs
@@ -132,6 +133,13 @@ class ChannelStats:
         # Population variance within each window, as the reference (which feeds one window at a time).
         self.window_var += flat.var(dim=1, unbiased=False).sum(dim=0).double().to(self.sq_sum.device)
         self.windows += x.shape[0]
+
+    def reduce(self) -> None:
+        """Sum over the ranks (under torchrun each holds some of the windows)."""
+        if active():
+            windows = torch.tensor([float(self.windows)], dtype=torch.float64, device=self.sq_sum.device)
+            all_reduce_sum(self.sq_sum, self.window_sum, self.window_var, windows)
+            self.windows = int(windows.item())
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean window sum, mean window variance, sum of squares), float32 vectors."""
@@ -362,6 +370,8 @@ class DSnoTStep(BlockStep):
         began = time.perf_counter()
         with layer_inputs(dense_layers, lambda name, x: stats[name].add(x)):
             ctx.run_all(block=ctx.teacher_block)
+        for channel_stats in stats.values():
+            channel_stats.reduce()
         report = {"block": ctx.index, "layers": {}}
         for name, dense_layer in dense_layers.items():
             keep, layer_report = dsnot_layer(layers[name], dense_layer, stats[name], self.config, self.pattern,

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
+from sparsefit.distributed import WindowShard, sum_values
 from sparsefit.errors import UsageError, check
 from sparsefit.models.adapters import is_prunable, prunable_layers, weight_matrix
 from sparsefit.recover.base import BlockwiseMethod
@@ -147,7 +148,7 @@ def reconstruction_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "ms
 
 @torch.no_grad()
 def _mean_loss(forward: Callable, inputs: torch.Tensor, targets: torch.Tensor, batch: int, device, dtype, ctx,
-               kind: str = "mse") -> float:  # fmt: skip
+               kind: str = "mse", reduce: bool = False) -> float:  # fmt: skip
     total, count = 0.0, 0
     for start in range(0, inputs.shape[0], batch):
         x = inputs[start : start + batch].to(device, dtype)
@@ -156,6 +157,8 @@ def _mean_loss(forward: Callable, inputs: torch.Tensor, targets: torch.Tensor, b
             out = forward(x)
         total += reconstruction_loss(out, y, kind, reduction="sum").item()
         count += y.numel() if kind == "mse" else y[..., 0].numel()
+    if reduce:  # under torchrun: every rank's windows (a rank may hold none of them)
+        total, count = sum_values(total, count)
     return total / max(count, 1)
 
 
@@ -197,21 +200,25 @@ def fine_tune_block(
     seed: int,
     progress=None,
     include: Callable[[str], bool] = lambda name: True,
+    shard: WindowShard | None = None,
 ) -> BlockFit:
     """Fit ``forward(inputs) ≈ targets`` by AdamW on the masked weights of ``block``, in the one training loop.
 
     ``block`` is the module that trains (one decoder block, or a ModuleList of a window's blocks; ``masks``
     by layer name inside it); ``include`` restricts training to the layers and norms it accepts (a sub-block).
-    Inputs/targets stay on the CPU; the last ``config.heldout`` windows are held out.
+    Inputs/targets stay on the CPU; the last ``config.heldout`` windows are held out. Under torchrun, ``shard``
+    says which of all the windows the rank's ``inputs`` are (data parallel: :func:`train_loop`).
 
     Never worse than it began: the loop keeps the best held-out state, the initial one included; a fit that
     did not improve on its start (held-out loss, or the training loss when nothing is held out) is redone
     from the start at a quarter of the rate, up to ``config.retries`` times, and else left as it began.
     """
-    config.validate(n_windows=inputs.shape[0])
-    n_train = inputs.shape[0] - config.heldout
-    train_x, train_y = inputs[:n_train], targets[:n_train]
-    held_x, held_y = inputs[n_train:], targets[n_train:]
+    shard = shard if shard is not None else WindowShard(inputs.shape[0])
+    config.validate(n_windows=shard.total)
+    n_train = shard.total - config.heldout
+    local_train = shard.count(0, n_train)  # a rank's windows are in global order: its training windows come first
+    train_x, train_y = inputs[:local_train], targets[:local_train]
+    held_x, held_y = inputs[local_train:], targets[local_train:]
     param_dtype = next(block.parameters()).dtype
     use_bf16 = config.autocast == "bf16" or (config.autocast == "auto" and device.type == "cuda")
     autocast = (
@@ -220,10 +227,16 @@ def fine_tune_block(
         else (lambda: torch.autocast(device.type, enabled=False))
     )
 
-    def evaluate(x, y):
+    def evaluate(x, y, n_global):
         block.eval()
-        return (_mean_loss(forward, x, y, config.batch_size, device, param_dtype, autocast, config.loss)
-                if x.shape[0] else None)  # fmt: skip
+        return (_mean_loss(forward, x, y, config.batch_size, device, param_dtype, autocast, config.loss,
+                           reduce=not shard.single) if n_global else None)  # fmt: skip
+
+    def on_train():
+        return evaluate(train_x, train_y, n_train)
+
+    def on_heldout():
+        return evaluate(held_x, held_y, config.heldout)
 
     def loss_of(index: torch.Tensor) -> torch.Tensor:
         x = train_x[index].to(device, param_dtype)
@@ -232,8 +245,7 @@ def fine_tune_block(
             out = forward(x)
         return reconstruction_loss(out, y, config.loss)
 
-    fit = BlockFit(initial_loss=evaluate(train_x, train_y), final_loss=0.0, initial_heldout=evaluate(held_x, held_y),
-                   final_heldout=None)  # fmt: skip
+    fit = BlockFit(initial_loss=on_train(), final_loss=0.0, initial_heldout=on_heldout(), final_heldout=None)
     groups, hooks, layers = _trainable(block, masks, config, include)
     trained = flat_params(groups)
     initial = [p.detach().clone() for p in trained]
@@ -245,14 +257,14 @@ def fine_tune_block(
             attempt += 1
             log = train_loop(
                 block, groups, loss_of, n_train, replace(config, lr=lr), steps=steps, seed=seed,
-                heldout_loss=(lambda: evaluate(held_x, held_y)) if held_x.shape[0] else None,
-                initial_heldout=fit.initial_heldout, progress=progress,
+                heldout_loss=on_heldout if config.heldout else None, initial_heldout=fit.initial_heldout,
+                progress=progress, shard=shard,
             )  # fmt: skip
             time_s += log.time_s
             with torch.no_grad():
                 for name, layer in layers.items():
                     weight_matrix(layer).mul_(masks[name].to(layer.weight.device))
-            final_loss = evaluate(train_x, train_y)
+            final_loss = on_train()
             improved = log.best_epoch != 0 if log.best_epoch is not None else final_loss < fit.initial_loss
             if improved or attempt > config.retries:
                 break
@@ -264,7 +276,7 @@ def fine_tune_block(
             with torch.no_grad():
                 for param, value in zip(trained, initial, strict=True):
                     param.copy_(value)
-            final_loss = evaluate(train_x, train_y)
+            final_loss = on_train()
     finally:
         for hook in hooks:
             hook.remove()
@@ -281,7 +293,7 @@ def fine_tune_block(
     dense_weights = sum(weight_matrix(layer).numel() for layer in layers.values())
     fit.flops = 6.0 * dense_weights * trained_tokens * attempt
     fit.final_loss = final_loss
-    fit.final_heldout = evaluate(held_x, held_y)
+    fit.final_heldout = on_heldout()
     with torch.no_grad():  # how far the linear weights moved, relative to where they started
         moved = sum(float((weight_matrix(layers[n]).float() - w.float()).square().sum()) for n, w in start.items())
         size = sum(float(w.float().square().sum()) for w in start.values())
@@ -375,7 +387,7 @@ class EBFTStep(BlockStep):
         self.window_dense = carry.get("ebft_window_dense")
 
     def _fit(self, ctx: BlockContext, module, forward, inputs, targets, masks, include=lambda n: True, label=""):
-        n_train = inputs.shape[0] - self.config.heldout
+        n_train = ctx.shard.total - self.config.heldout
         steps = self.config.epochs * math.ceil(n_train / self.config.batch_size)
 
         def progress(done=None, advance=1, note=None):
@@ -383,7 +395,7 @@ class EBFTStep(BlockStep):
 
         return fine_tune_block(
             module, forward, inputs, targets, masks, self.config, device=ctx.device,
-            seed=self.config.seed * 100_003 + ctx.index, progress=progress, include=include,
+            seed=self.config.seed * 100_003 + ctx.index, progress=progress, include=include, shard=ctx.shard,
         )  # fmt: skip
 
     def __call__(self, ctx: BlockContext) -> None:
@@ -400,8 +412,8 @@ class EBFTStep(BlockStep):
 
     def _record(self, ctx: BlockContext, fit: BlockFit, **extra) -> None:
         ctx.report["ebft"] = {**fit.to_dict(), **extra}
-        ctx.summary = f"mse {fit.initial_loss:.4g} -> {fit.final_loss:.4g}" + (" (kept as pruned)" if fit.reverted
-                                                                                 else "")  # fmt: skip
+        kept = " (kept as pruned)" if fit.reverted else ""
+        ctx.summary = f"{self.config.loss} {fit.initial_loss:.4g} -> {fit.final_loss:.4g}{kept}"
 
     def _sub_blocks(self, ctx: BlockContext, masks) -> None:
         """The attention part against the dense block's residual stream after attention, then the MLP part."""

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsefit.distributed import WindowShard, all_reduce_sum, sum_values
 from sparsefit.errors import UsageError, check
 from sparsefit.progress import Update
 
@@ -171,6 +172,7 @@ def train_loop(
     heldout_loss: Callable[[], float] | None = None,
     initial_heldout: float | None = None,
     progress: Update | None = None,
+    shard: WindowShard | None = None,
 ) -> FitLog:
     """AdamW on ``params`` minimising ``loss_of(indices of a batch of training windows)`` for ``steps`` steps.
 
@@ -180,7 +182,13 @@ def train_loop(
     parameters end at the best held-out epoch, or at their initial values when no epoch beat
     ``initial_heldout`` (``log.best_epoch`` 0). ``config.early_stop`` stops after that many epochs without
     improvement. Everything random derives from ``seed``: the shuffling generator and the global one (dropout).
+
+    Under torchrun (``shard`` of several ranks) ``n_train`` counts every rank's training windows; the batches
+    follow one process's global order, ``loss_of`` gets the local positions of the batch's windows this rank holds
+    (weighted by their share of the batch, as micro-batches are), and the gradients and the loss are summed over
+    the ranks before clipping, so every rank takes the same step. ``heldout_loss`` must reduce over the ranks.
     """
+    shard = shard if shard is not None else WindowShard(n_train)
     # torch.optim writes its defaults (the lr among them) into a group dict: a copy keeps the caller's groups
     # clean for the next fit (a fit redone at a lower rate).
     params = [dict(item) if isinstance(item, dict) else item for item in params]
@@ -205,19 +213,19 @@ def train_loop(
         for step, index in enumerate(batch_order(n_train, config.batch_size, steps, seed)):
             if step % per_epoch == 0:
                 module.train()
-            if config.micro_batch and config.micro_batch < index.numel():
-                # Gradient accumulation: the batch's mean loss, in micro-batches that fit in memory.
-                optimizer.zero_grad(set_to_none=True)
-                value = 0.0
-                for chunk in index.split(config.micro_batch):
-                    part = loss_of(chunk) * (chunk.numel() / index.numel())
-                    part.backward()
-                    value += part.item()
-            else:
-                loss = loss_of(index)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                value = loss.item()
+            mine = shard.local(index)  # the whole batch in one process
+            # Gradient accumulation: the batch's mean loss, in micro-batches that fit in memory (and in ranks).
+            micro = config.micro_batch if config.micro_batch and config.micro_batch < mine.numel() else mine.numel()
+            optimizer.zero_grad(set_to_none=True)
+            value = 0.0
+            for chunk in mine.split(micro) if mine.numel() else ():
+                part = loss_of(chunk)
+                if chunk.numel() != index.numel():
+                    part = part * (chunk.numel() / index.numel())
+                part.backward()
+                value += part.item()
+            if not shard.single:
+                value = _reduce_gradients(flat, value)
             if config.clip:
                 torch.nn.utils.clip_grad_norm_(flat, config.clip)
             optimizer.step()
@@ -263,19 +271,35 @@ def train_loop(
     return log
 
 
+def _reduce_gradients(params: list[nn.Parameter], value: float) -> float:
+    """Sum the gradients (and the step's loss) over the ranks; a rank without windows in the batch adds zeros."""
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    loss = torch.tensor([value], dtype=params[0].grad.dtype, device=params[0].grad.device)
+    all_reduce_sum(*(param.grad for param in params), loss)
+    return float(loss.item())
+
+
 @torch.no_grad()
 def mean_loss(module: nn.Module, loss_of: Callable[[torch.Tensor], torch.Tensor], n: int, batch: int,
-              offset: int = 0) -> float | None:  # fmt: skip
-    """Mean of ``loss_of(indices)`` over windows ``offset .. offset + n`` in eval mode (None if n = 0)."""
+              offset: int = 0, shard: WindowShard | None = None) -> float | None:  # fmt: skip
+    """Mean of ``loss_of(indices)`` over windows ``offset .. offset + n`` in eval mode (None if n = 0).
+
+    With a ``shard`` of several ranks, each rank takes its windows of that range (``loss_of`` gets local positions)
+    and the sums are reduced over the ranks.
+    """
     if n == 0:
         return None
     was_training = module.training
     module.eval()
     total = 0.0
-    for start in range(0, n, batch):
-        index = torch.arange(offset + start, offset + min(start + batch, n))
+    local = shard.local_range(offset, offset + n) if shard is not None else torch.arange(offset, offset + n)
+    for index in local.split(batch) if local.numel() else ():
         total += float(loss_of(index)) * index.numel()
     module.train(was_training)
+    if shard is not None and not shard.single:
+        total = sum_values(total)[0]
     return total / n
 
 
@@ -320,32 +344,37 @@ def fit_model(
     n_windows, seqlen = calib_ids.shape
     n_train = n_windows - config.heldout
     probe_fn = probe_fn or loss_fn
+    shard = WindowShard.of(n_windows)  # under torchrun: this rank's windows (data parallel)
+    local_ids = shard.take(calib_ids)
 
     def on_windows(fn):
-        return lambda index: fn(calib_ids[index].to(device))
+        return lambda index: fn(local_ids[index].to(device))
 
     probe = min(config.probe_windows, n_windows)
-    initial = mean_loss(model, on_windows(probe_fn), probe, config.batch_size)
+
+    def probe_loss(n: int, offset: int = 0) -> float | None:
+        return mean_loss(model, on_windows(probe_fn), n, config.batch_size, offset, shard=shard)
+
+    initial = probe_loss(probe)
     params = list(params)
     start = ([p.detach().to("cpu", copy=True) for p in flat_params(params)]
              if config.keep_best and not config.heldout and probe else None)  # fmt: skip
-    held = (lambda: mean_loss(model, on_windows(probe_fn), config.heldout, config.batch_size, n_train)) \
-        if config.heldout else None  # fmt: skip
+    held = (lambda: probe_loss(config.heldout, n_train)) if config.heldout else None
     log = train_loop(
         model, params, on_windows(loss_fn), n_train, config, steps=steps, seed=config.seed, after_step=after_step,
-        heldout_loss=held, initial_heldout=held() if held else None, progress=progress,
+        heldout_loss=held, initial_heldout=held() if held else None, progress=progress, shard=shard,
     )  # fmt: skip
     result = log.to_dict()
     result["tokens"] = log.windows * seqlen
     result["tokens_per_s"] = result["tokens"] / log.time_s if log.time_s else 0.0
     result["initial_loss"] = initial
-    result["final_loss"] = mean_loss(model, on_windows(probe_fn), probe, config.batch_size)
+    result["final_loss"] = probe_loss(probe)
     result["reverted"] = start is not None and result["final_loss"] > initial
     if result["reverted"]:
         with torch.no_grad():
             for param, value in zip(flat_params(params), start, strict=True):
                 param.copy_(value)
-        result["final_loss"] = mean_loss(model, on_windows(probe_fn), probe, config.batch_size)
+        result["final_loss"] = probe_loss(probe)
     return result
 
 

@@ -1,9 +1,13 @@
 """Per-block checkpoints, so a long walk resumes at the block where it stopped.
 
 After each finished block: its weights go to ``block_<i>.safetensors``, the next block's inputs
-(and any other carried activations) to ``carry.safetensors``, then ``progress.json`` names the
-next block. Every file is written to a temp name and renamed, and ``progress.json`` is renamed
-last, so a run killed at any moment resumes from the last block that was fully saved.
+(and any other carried activations) to ``carry_<i+1>.safetensors``, then ``progress.json`` names the
+next block, then the previous carry is removed. Every file is written to a temp name and renamed, and
+``progress.json`` is renamed last, so a run killed at any moment resumes from the last block that was
+fully saved, with the carry that belongs to it.
+
+Under torchrun rank 0 writes the blocks and ``progress.json``; every rank writes its own share of the
+activations (``carry_<i>.rank<r>.safetensors``), and a resume needs the same number of processes.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from sparsefit import distributed
 from sparsefit.atomic import save_tensors_atomically, write_file_atomically
 from sparsefit.errors import UsageError
 
@@ -25,7 +30,8 @@ class BlockCheckpoint:
 
     def __init__(self, folder: Path, fingerprint: dict) -> None:
         self.folder = Path(folder)
-        self.fingerprint = json.loads(json.dumps(fingerprint))  # normalised as it is stored
+        # Normalised as it is stored; each rank's activations are its share, so a resume needs as many processes.
+        self.fingerprint = json.loads(json.dumps({**fingerprint, "processes": distributed.world_size()}))
 
     @classmethod
     def for_output(cls, out: Path, fingerprint: dict) -> BlockCheckpoint:
@@ -46,11 +52,20 @@ class BlockCheckpoint:
                     f"cannot resume {str(self.folder)!r}: the settings differ ({', '.join(changed)}); "
                     "run again with the same settings, or without --resume"
                 )
-            return progress["next_block"], progress["reports"], load_file(str(self.folder / "carry.safetensors"))
-        if self.folder.exists():
-            shutil.rmtree(self.folder)
-        self.folder.mkdir(parents=True)
+            next_block = progress["next_block"]
+            return next_block, progress["reports"], load_file(str(self._carry_file(next_block)))
+
+        def fresh() -> None:
+            if self.folder.exists():
+                shutil.rmtree(self.folder)
+            self.folder.mkdir(parents=True)
+
+        distributed.on_main(fresh, "starting the checkpoint")
         return 0, [], {}
+
+    def _carry_file(self, next_block: int) -> Path:
+        rank = f".rank{distributed.rank()}" if distributed.active() else ""
+        return self.folder / f"carry_{next_block}{rank}.safetensors"
 
     def restore_blocks(self, blocks: nn.ModuleList, next_block: int) -> None:
         """Load the saved weights of every finished block into ``blocks``."""
@@ -67,10 +82,13 @@ class BlockCheckpoint:
     ) -> None:
         """``block`` None: the block's weights are already in the folder (the streamed path's block store)."""
         if block is not None:
-            self.save_block(index, block)
-        save_tensors_atomically(carry, self.folder / "carry.safetensors")
+            distributed.on_main(lambda: self.save_block(index, block), "checkpointing")
+        save_tensors_atomically(carry, self._carry_file(index + 1))
         progress = {"next_block": index + 1, "blocks_total": total, "reports": reports, "fingerprint": self.fingerprint}
-        write_file_atomically(self.folder / "progress.json", json.dumps(progress, indent=2))
+        distributed.barrier("checkpointing")  # every rank's carry is written before progress.json names it
+        text = json.dumps(progress, indent=2)
+        distributed.on_main(lambda: write_file_atomically(self.folder / "progress.json", text), "checkpointing")
+        self._carry_file(index).unlink(missing_ok=True)
 
     def clear(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        distributed.on_main(lambda: shutil.rmtree(self.folder, ignore_errors=True), "clearing the checkpoint")

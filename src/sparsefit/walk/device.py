@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparsefit import distributed
 from sparsefit.errors import UsageError
 from sparsefit.models.adapters import Adapter
 
@@ -14,13 +15,15 @@ def resolve_device(name: str | torch.device) -> torch.device:
     if isinstance(name, torch.device):
         return name
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"device {name!r} is not valid; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {name!r} asked for, but no CUDA GPU is available; use --device cpu")
+    if device.type == "cuda" and device.index is None and distributed.active():
+        device = torch.device("cuda", distributed.local_rank())  # under torchrun: this rank's GPU
     return device
 
 

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from sparsefit import distributed
+from sparsefit.distributed import WindowShard
 from sparsefit.models.adapters import get_adapter
 from sparsefit.progress import Bar, silent
 from sparsefit.walk.activations import Activations
@@ -49,7 +51,12 @@ def run_blocks(
     finished (its weights then leave memory); without a checkpoint a streamed walk stores nothing (a read-only
     pass, such as OWL's pre-pass). ``activations`` keeps the activation sets in a dtype, spilled to disk
     beyond a memory budget (default: float32 in memory).
+
+    Under torchrun every rank walks the same blocks on its share of the windows (:class:`WindowShard`); the steps
+    reduce what they collect, and rank 0 alone stores blocks and checkpoints (each rank keeps its own activations).
     """
+    shard = WindowShard.of(calib_ids.shape[0])
+    calib_ids = shard.take(calib_ids)
     adapter = get_adapter(model)
     source = source if source is not None else InMemoryBlocks(model)
     activations = activations if activations is not None else Activations()
@@ -84,15 +91,15 @@ def run_blocks(
         def done(ctx: BlockContext, outputs: torch.Tensor) -> None:
             reports.append({"block": ctx.index, **ctx.report})
             if source.streamed and storing:
-                for index in [*ctx.changed_blocks, ctx.index]:
-                    source.store(index)
+                changed = [*ctx.changed_blocks, ctx.index]
+                distributed.on_main(lambda: [source.store(index) for index in changed], "storing a block")
             if checkpoint is not None:
                 state = {"inputs": outputs}
                 for step in steps:
                     state.update(getattr(step, "carry", dict)())
                 if not source.streamed:
                     for index in ctx.changed_blocks:  # a window of blocks trained earlier ones too
-                        checkpoint.save_block(index, blocks[index])
+                        distributed.on_main(lambda i=index: checkpoint.save_block(i, blocks[i]), "checkpointing")
                 checkpoint.save(ctx.index, None if source.streamed else ctx.block, state, reports, total=len(blocks))
             if ctx.index - keep >= 0:
                 source.release(ctx.index - keep)
@@ -101,7 +108,7 @@ def run_blocks(
         try:
             walk_blocks(model, adapter, inputs, block_kwargs, steps, device=device, batch_size=batch_size,
                         start=start, on_block_done=done, note=lambda text: update(note=text), source=source,
-                        activations=activations)  # fmt: skip
+                        activations=activations, shard=shard)  # fmt: skip
         finally:
             model_to(model, "cpu")
             for index in range(len(blocks)):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from sparsefit.distributed import WindowShard
 from sparsefit.models.adapters import Adapter
 from sparsefit.walk.activations import Activations
 from sparsefit.walk.device import to_device
@@ -46,6 +47,11 @@ class BlockContext:
     block_kwargs: Sequence[dict] = ()  # every block's kwargs, on the CPU
     changed_blocks: list[int] = field(default_factory=list)  # earlier blocks a step changed (to checkpoint again)
     activations: Activations = field(default_factory=Activations)  # where new activation sets are allocated
+    shard: WindowShard | None = None  # which of all the windows ``inputs`` holds (under torchrun, a share)
+
+    def __post_init__(self) -> None:
+        if self.shard is None:
+            self.shard = WindowShard(self.inputs.shape[0])
 
     def kwargs_of(self, index: int) -> dict:
         """Block ``index``'s kwargs on the device."""
@@ -110,13 +116,15 @@ def walk_blocks(
     note: Callable[[str], None] = _no_note,
     source=None,
     activations: Activations | None = None,
+    shard: WindowShard | None = None,
 ) -> torch.Tensor:
     """Run ``steps`` on every block from ``start``; return the last block's outputs (CPU).
 
     ``on_block_done(ctx, outputs)`` is called after each block is finished and back on the CPU: the
     place to checkpoint (``ctx.changed_blocks`` names earlier blocks a step changed too).
     ``note(text)`` receives the steps' progress notes. ``source`` (a :mod:`sparsefit.walk.blocks` source, default
-    the model's own blocks) gives each block when the walk reaches it.
+    the model's own blocks) gives each block when the walk reaches it. ``shard``: which of all the calibration
+    windows ``inputs`` holds (default: all of them; under torchrun, this rank's share).
     """
     device = torch.device(device)
     blocks = adapter.get_blocks(model)
@@ -136,6 +144,7 @@ def walk_blocks(
             blocks=blocks,
             block_kwargs=block_kwargs,
             activations=activations if activations is not None else Activations(),
+            shard=shard,
         )
         for step in steps:
             step(ctx)

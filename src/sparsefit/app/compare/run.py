@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sparsefit import distributed
 from sparsefit.app import defaults
 from sparsefit.app.compare.memory import PeakMemory, release_memory
 from sparsefit.app.compare.render import compare_html, compare_markdown
@@ -196,7 +197,9 @@ def run_compare(
     dtype_ = parse_dtype(dtype)
     out = check_output(out, overwrite)
     budget_tokens = budget if budget is not None else defaults.COMPARE_EPOCHS * nsamples * seqlen
-    kept = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-keep-")) if keep else None
+    # Under torchrun rank 0 writes the kept folders: every rank names the one rank 0 made.
+    kept = Path(distributed.broadcast(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-keep-")
+                                      if distributed.is_main() else None)) if keep else None  # fmt: skip
 
     # --- load, calibrate, evaluate the dense model ---------------------------------------------------------
     began = time.perf_counter()
@@ -353,11 +356,14 @@ def run_compare(
         (tmp / "compare.md").write_text(compare_markdown(result))
         (tmp / "compare.html").write_text(compare_html(result))
 
-    try:
-        write_atomically(out, writer, overwrite=overwrite)
-    finally:
-        if kept is not None:
-            shutil.rmtree(kept, ignore_errors=True)
+    def write() -> None:
+        try:
+            write_atomically(out, writer, overwrite=overwrite)
+        finally:
+            if kept is not None:
+                shutil.rmtree(kept, ignore_errors=True)
+
+    distributed.on_main(write, "writing the comparison")
     say(f"wrote {out}")
     return result
 
