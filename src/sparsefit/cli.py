@@ -422,9 +422,18 @@ def main() -> None:
 
     who = ""
 
+    def leave(code: int) -> None:
+        if distributed.active():
+            # Leave at once: a process group's threads torn down by the interpreter's exit abort the process
+            # ("terminate called without an active exception", exit -6) instead of giving the exit code.
+            sys.stdout.flush()
+            (_ERRORS[0] if _ERRORS else sys.stderr).flush()
+            os._exit(code)
+        sys.exit(code)
+
     def error(message: str, code: int) -> None:
         print(f"error: {message}", file=_ERRORS[0] if _ERRORS else sys.stderr, flush=True)
-        sys.exit(code)
+        leave(code)
 
     try:
         who = _join_processes()
@@ -435,7 +444,7 @@ def main() -> None:
         error(str(exc), 1)
     except KeyboardInterrupt:
         print(f"{who}interrupted", file=_ERRORS[0] if _ERRORS else sys.stderr)
-        sys.exit(130)
+        leave(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:  # click's own usage errors
