@@ -26,7 +26,7 @@ from typing import TypeVar
 
 import torch
 
-from sparsefit.errors import UsageError
+from sparsefit.errors import UsageError, first_line
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 1800
@@ -76,7 +76,7 @@ def init() -> bool:
         dist.barrier()
     except (RuntimeError, ValueError) as exc:
         raise DistributedError(f"rank {os.environ['RANK']}: could not join the {os.environ['WORLD_SIZE']} "
-                               f"processes ({_first_line(exc)})") from None  # fmt: skip
+                               f"processes ({first_line(exc, 200)})") from None  # fmt: skip
     return True
 
 
@@ -114,17 +114,12 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0")) if active() else 0
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
-
-
 def _collective(what: str, fn: Callable[[], T]) -> T:
     try:
         return fn()
     except RuntimeError as exc:  # gloo/NCCL errors, timeouts included (DistBackendError is a RuntimeError)
         raise DistributedError(f"rank {rank()}: {what} failed; another rank stopped or did not answer within "
-                               f"{timeout_s():g} s ({_first_line(exc)})") from None  # fmt: skip
+                               f"{timeout_s():g} s ({first_line(exc, 200)})") from None  # fmt: skip
 
 
 def _backend_device() -> torch.device:
@@ -201,7 +196,7 @@ def on_main(fn: Callable[[], T], what: str = "writing") -> T | None:
             result = fn()
         except Exception as exc:  # told to the other ranks, then raised here as it was
             error = exc
-    failure = broadcast(None if error is None else (isinstance(error, UsageError), _first_line(error)), what)
+    failure = broadcast(None if error is None else (isinstance(error, UsageError), first_line(error, 200)), what)
     if error is not None:
         raise error
     if failure is not None:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from sparsefit.atomic import check_output, write_atomically
-from sparsefit.errors import UsageError
+from sparsefit.errors import UsageError, first_line
 from sparsefit.export.hf import model_card
 from sparsefit.export.masks import BITORDER, packed_shape, unpack_bits
 from sparsefit.export.run_folder import load_run_model, read_run, same_folder
@@ -230,7 +230,7 @@ def load_compressed(path: str | os.PathLike) -> tuple[nn.Module, Any]:
             metadata = handle.metadata() or {}
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception as exc:  # safetensors' own error types for a damaged header or data
-        raise UsageError(f"{str(weights)!r} is not a readable safetensors file ({_first_line(exc)})") from None
+        raise UsageError(f"{str(weights)!r} is not a readable safetensors file ({first_line(exc)})") from None
     state = decompress_state_dict(tensors, metadata, repr(str(weights)))
     try:
         config = AutoConfig.from_pretrained(folder)
@@ -244,7 +244,7 @@ def load_compressed(path: str | os.PathLike) -> tuple[nn.Module, Any]:
             None, config=config, state_dict=state, dtype=dtype, output_loading_info=True
         )
     except (OSError, ValueError, RuntimeError) as exc:
-        raise UsageError(f"could not build the model of {str(folder)!r}: {_first_line(exc)}") from None
+        raise UsageError(f"could not build the model of {str(folder)!r}: {first_line(exc)}") from None
     if info.get("missing_keys") or info.get("mismatched_keys"):
         missing = sorted(info.get("missing_keys") or []) + [str(k) for k in info.get("mismatched_keys") or []]
         raise UsageError(f"{str(weights)!r} lacks tensors the model needs (first: {missing[0]!r}); re-export it")
@@ -259,11 +259,6 @@ def load_compressed(path: str | os.PathLike) -> tuple[nn.Module, Any]:
 def file_size_ratio(compressed_dir: str | os.PathLike, dense_file: str | os.PathLike) -> float:
     """Compressed weights file bytes / dense safetensors bytes."""
     return (Path(compressed_dir) / WEIGHTS_FILE).stat().st_size / Path(dense_file).stat().st_size
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 __all__ = [

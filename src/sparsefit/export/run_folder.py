@@ -9,22 +9,17 @@ from typing import Any
 
 from torch import nn
 
-from sparsefit.errors import UsageError
+from sparsefit.errors import UsageError, first_line
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise UsageError(f"{str(path)!r} is not valid JSON ({_first_line(exc)}); re-create the run folder") from None
+        raise UsageError(f"{str(path)!r} is not valid JSON ({first_line(exc)}); re-create the run folder") from None
     if not isinstance(data, dict):
         raise UsageError(f"{str(path)!r} holds a {type(data).__name__}, not a JSON object; re-create the run folder")
     return data
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def check_run_folder(run_dir: str | os.PathLike) -> Path:
@@ -62,7 +57,7 @@ def load_run_model(run_dir: str | os.PathLike) -> tuple[nn.Module, Any]:
         # dtype="auto": an export must keep the dtype the run was saved in, not upcast it.
         model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise UsageError(f"could not load the model of run folder {str(path)!r}: {_first_line(exc)}") from None
+        raise UsageError(f"could not load the model of run folder {str(path)!r}: {first_line(exc)}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):

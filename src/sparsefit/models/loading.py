@@ -11,7 +11,7 @@ from torch import nn
 
 from sparsefit import assets
 from sparsefit.atomic import cache_lock, write_atomically
-from sparsefit.errors import UsageError
+from sparsefit.errors import UsageError, first_line
 
 BUILTIN_MODELS: dict[str, tuple[str, str]] = {
     # name -> (asset, GGUF path inside it)
@@ -55,7 +55,7 @@ def _from_folder(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tup
         )
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise UsageError(f"could not load model folder {str(path)!r}: {_first_line(exc)}") from None
+        raise UsageError(f"could not load model folder {str(path)!r}: {first_line(exc)}") from None
     return model, tokenizer
 
 
@@ -79,11 +79,6 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def dequantize_gguf(gguf: Path, out_dir: Path) -> Path:
     """Dequantize ``gguf`` to a float32 safetensors folder ``out_dir`` (atomically), once."""
     if (out_dir / "config.json").exists():
@@ -104,7 +99,7 @@ def _dequantize(gguf: Path, out_dir: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (OSError, ValueError, RuntimeError, KeyError, IndexError) as exc:
-        raise UsageError(f"{str(gguf)!r} is not a readable GGUF file ({_first_line(exc)})") from None
+        raise UsageError(f"{str(gguf)!r} is not a readable GGUF file ({first_line(exc)})") from None
     # A GGUF-loaded model refuses save_pretrained while it still carries its quantizer.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -161,7 +156,7 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False, required: bool
     except (OSError, ValueError) as exc:
         if not required:
             return None
-        raise UsageError(f"could not load the tokenizer of {str(folder)!r}: {_first_line(exc)}") from None
+        raise UsageError(f"could not load the tokenizer of {str(folder)!r}: {first_line(exc)}") from None
 
 
 def context_length(config) -> int | None:
@@ -199,7 +194,7 @@ def load(
         except (OSError, ValueError) as exc:
             raise UsageError(
                 f"model {name_or_path!r} is not a built-in or a local path, and the hub could not provide it "
-                f"({_first_line(exc)}); give a local folder or .gguf file"
+                f"({first_line(exc)}); give a local folder or .gguf file"
             ) from None
     model.eval()
     model.config.use_cache = False
