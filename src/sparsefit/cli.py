@@ -395,6 +395,10 @@ def info(run_dir: Path = typer.Argument(..., help="a run folder or checkpoint fo
 _ERRORS: list = []  # where a rank other than 0 prints its errors, once its other output is silenced
 
 
+def _error_stream():
+    return _ERRORS[0] if _ERRORS else sys.stderr
+
+
 def _join_processes() -> str:
     """Under torchrun: join the process group, check every rank got the same command line, and keep the output
     to rank 0 (the others print errors only). Returns the prefix of this process's error lines."""
@@ -427,12 +431,12 @@ def main() -> None:
             # Leave at once: a process group's threads torn down by the interpreter's exit abort the process
             # ("terminate called without an active exception", exit -6) instead of giving the exit code.
             sys.stdout.flush()
-            (_ERRORS[0] if _ERRORS else sys.stderr).flush()
+            _error_stream().flush()
             os._exit(code)
         sys.exit(code)
 
     def error(message: str, code: int) -> None:
-        print(f"error: {message}", file=_ERRORS[0] if _ERRORS else sys.stderr, flush=True)
+        print(f"error: {message}", file=_error_stream(), flush=True)
         leave(code)
 
     try:
@@ -443,7 +447,7 @@ def main() -> None:
     except distributed.DistributedError as exc:
         error(str(exc), 1)
     except KeyboardInterrupt:
-        print(f"{who}interrupted", file=_ERRORS[0] if _ERRORS else sys.stderr)
+        print(f"{who}interrupted", file=_error_stream())
         leave(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -459,7 +463,7 @@ def main() -> None:
         raise
     peak = peak_gpu_mib()
     if peak is not None:
-        print(f"{who}peak GPU memory {peak:.0f} MiB", file=_ERRORS[0] if _ERRORS else sys.stderr)  # every rank's
+        print(f"{who}peak GPU memory {peak:.0f} MiB", file=_error_stream())  # every rank's
     distributed.finish()
     if isinstance(code, int) and code:
         if code == 130:
