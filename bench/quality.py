@@ -91,12 +91,14 @@ ROWS: dict[str, dict] = {
 }
 
 
+def wanda_baseline_of(name: str) -> str:
+    """The Wanda-pruned row of a row's sparsity (``70-pruned``, ``2:4-pruned``)."""
+    return f"{name.split('-')[0]}-pruned"
+
+
 def baseline_of(name: str) -> str:
     """The row whose pruned model a row's gap is measured against (same masks method, same calibration)."""
-    row = ROWS[name]
-    if "baseline" in row:
-        return row["baseline"]
-    return f"{name.split('-')[0]}-pruned"
+    return ROWS[name].get("baseline", wanda_baseline_of(name))
 
 
 def measure(args: argparse.Namespace, name: str) -> dict:
@@ -175,9 +177,10 @@ def report(args: argparse.Namespace, dense_run: dict, runs: dict[str, dict]) -> 
         r["gap_closed"] = gaps
         # Rows whose masks are not Wanda's (SparseGPT, OWL) also against Wanda's pruned model: the recipe's
         # whole gain over the Wanda baseline the goal is stated for, the better masks included.
-        wanda = runs.get(f"{name.split('-')[0]}-pruned", {})
+        wanda_name = wanda_baseline_of(name)
+        wanda = runs.get(wanda_name, {})
         vs_wanda = ""
-        if wanda.get("status") == "ok" and not name.endswith("-pruned") and wanda is not base:
+        if wanda.get("status") == "ok" and not name.endswith("-pruned") and wanda_name != baseline_of(name):
             r["gap_closed_vs_wanda"] = {c: gap_closed(dense[c], wanda["ppl"][c], r["ppl"][c], log=True)
                                         for c in ("wiki", "books")}  # fmt: skip
             vs_wanda = " / ".join(f"{r['gap_closed_vs_wanda'][c]:.0%}" for c in ("wiki", "books"))
