@@ -54,7 +54,7 @@ ROWS: dict[str, dict] = {
     "70-lr3e-4": {"prune": W70, "ebft": {**CPU, "lr": 3e-4}},
     "70-cosine-warmup": {"prune": W70, "ebft": {**CPU, "schedule": "cosine", "warmup": 0.1}},
     "70-batch4": {"prune": W70, "ebft": {**CPU, "batch_size": 4, "epochs": 8}},
-    "70-calib64x128": {"prune": W70, "calib": (64, 128), "ebft": CPU},
+    "70-calib64x128": {"prune": W70, "calib": (64, 128), "ebft": CPU, "baseline": "70-calib64x128-pruned"},
     "70-calib128x256": {"prune": W70, "calib": (128, 256), "ebft": {**CPU, "epochs": 1}},
     "70-sub-block": {"prune": W70, "ebft": {**CPU, "window": "sub-block"}},
     "70-window2": {"prune": W70, "ebft": {**CPU, "window": 2}},
@@ -77,7 +77,34 @@ ROWS: dict[str, dict] = {
     "70-cpu+squarehead": {"prune": W70, "ebft": CPU, "global": SQH},
     "70-window2+squarehead": {"prune": W70, "ebft": {**CPU, "window": 2}, "global": SQH},
     "70-window2-epochs8+squarehead": {"prune": W70, "ebft": {**CPU, "window": 2, "epochs": 8}, "global": SQH},
+    "70-calib64x128-pruned": {"prune": W70, "calib": (64, 128)},
+    "70-calib64x128-lr3e-3": {"prune": W70, "calib": (64, 128), "ebft": {**CPU, "lr": 3e-3},
+                              "baseline": "70-calib64x128-pruned"},
+    "70-calib64x128-lr3e-3-epochs8": {"prune": W70, "calib": (64, 128), "ebft": {**CPU, "lr": 3e-3, "epochs": 8},
+                                      "baseline": "70-calib64x128-pruned"},
+    "70-calib64x128-lr3e-3-window2-epochs8+squarehead": {
+        "prune": W70, "calib": (64, 128), "ebft": {**CPU, "lr": 3e-3, "window": 2, "epochs": 8}, "global": SQH,
+        "baseline": "70-calib64x128-pruned"},
+    "70-calib64x128-lr3e-3+squarehead": {"prune": W70, "calib": (64, 128), "ebft": {**CPU, "lr": 3e-3},
+                                         "global": SQH, "baseline": "70-calib64x128-pruned"},
+    "70-calib128x64-pruned": {"prune": W70, "calib": (128, 64)},
+    "70-calib128x64-lr3e-3": {"prune": W70, "calib": (128, 64), "ebft": {**CPU, "lr": 3e-3},
+                              "baseline": "70-calib128x64-pruned"},
+    "70-calib128x128-pruned": {"prune": W70, "calib": (128, 128)},
+    "70-calib128x128-lr3e-3": {"prune": W70, "calib": (128, 128), "ebft": {**CPU, "lr": 3e-3},
+                               "baseline": "70-calib128x128-pruned"},
     "2:4-pruned": {"prune": W24},
+    "2:4-calib128x128-pruned": {"prune": W24, "calib": (128, 128)},
+    "2:4-calib128x128-lr3e-3": {"prune": W24, "calib": (128, 128), "ebft": {**CPU, "lr": 3e-3},
+                                "baseline": "2:4-calib128x128-pruned"},
+    "2:4-calib64x128-pruned": {"prune": W24, "calib": (64, 128)},
+    "2:4-calib64x128-lr3e-3": {"prune": W24, "calib": (64, 128), "ebft": {**CPU, "lr": 3e-3},
+                               "baseline": "2:4-calib64x128-pruned"},
+    "2:4-calib64x128-lr3e-3-epochs8": {"prune": W24, "calib": (64, 128), "ebft": {**CPU, "lr": 3e-3, "epochs": 8},
+                                       "baseline": "2:4-calib64x128-pruned"},
+    "2:4-calib64x128-lr3e-3-window2-epochs8+squarehead": {
+        "prune": W24, "calib": (64, 128), "ebft": {**CPU, "lr": 3e-3, "window": 2, "epochs": 8}, "global": SQH,
+        "baseline": "2:4-calib64x128-pruned"},
     "2:4-cpu": {"prune": W24, "ebft": CPU},
     "2:4-relative": {"prune": W24, "ebft": REL},
     "2:4-sub-block": {"prune": W24, "ebft": {**CPU, "window": "sub-block"}},
@@ -251,7 +278,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8192)
     parser.add_argument("--rows", default="", help="comma-separated rows (default: all); baselines are added")
     parser.add_argument("--list", action="store_true", help="print the rows and exit")
-    parser.add_argument("--merge", action="store_true", help="keep the rows of an earlier quality.json")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other rows of quality.json (also those another --merge run writes meanwhile)")
     parser.add_argument("--jobs", type=int, default=1, help="rows run side by side (one process each)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process")
     parser.add_argument("--one", nargs=1, metavar="ROW", help=argparse.SUPPRESS)
@@ -267,9 +295,12 @@ def main() -> None:
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         sys.exit(f"unknown row(s) {', '.join(unknown)}; see --list")
-    earlier = {}
-    if args.merge and (RESULTS / "quality.json").exists():
-        earlier = json.loads((RESULTS / "quality.json").read_text())
+    def stored() -> dict:
+        if args.merge and (RESULTS / "quality.json").exists():
+            return json.loads((RESULTS / "quality.json").read_text())
+        return {}
+
+    earlier = stored()
     done = {k for k, v in earlier.get("runs", {}).items() if v.get("status") == "ok"}
     names = list(dict.fromkeys([baseline_of(n) for n in names if baseline_of(n) not in done] + names))
     passed = ["--model", args.model, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
@@ -277,9 +308,13 @@ def main() -> None:
     dense = earlier.get("dense") or run_isolated(__file__, passed, ["dense"], args.threads)
     if dense.get("status") != "ok":
         sys.exit(f"the dense run failed: {dense.get('error')}")
-    kept = {k: v for k, v in earlier.get("runs", {}).items() if k not in names}
+
+    def kept() -> dict:
+        # Read again at every report, so that two --merge runs of different rows side by side keep each other's.
+        return {k: v for k, v in stored().get("runs", {}).items() if k not in names}
+
     run_many(__file__, passed, {n: [n] for n in names}, args.jobs, args.threads,
-             lambda runs: report(args, dense, {**kept, **runs}))  # fmt: skip
+             lambda runs: report(args, dense, {**kept(), **runs}))  # fmt: skip
 
 
 if __name__ == "__main__":
