@@ -60,6 +60,8 @@ def run_many(script: str, options: list[str], jobs: dict[str, list[str]], parall
         for future in as_completed(futures):
             key = futures[future]
             results[key] = future.result()
-            print(f"finished {key}: {results[key].get('status')}", file=sys.stderr, flush=True)
+            # The whole result goes to the log first: a report that fails must not lose a row that took minutes.
+            print(f"finished {key}: {results[key].get('status')} {json.dumps(results[key])}", file=sys.stderr,
+                  flush=True)  # fmt: skip
             on_done({k: results[k] for k in jobs if k in results})
     return results
