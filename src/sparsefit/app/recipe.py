@@ -5,7 +5,7 @@ A recipe is YAML with the sections below; every key is optional and unknown keys
 
     name: default
     model: smollm2-135m
-    prune:   {method: wanda, sparsity: 0.5, pattern: unstructured, calib: wiki, nsamples: 32, seqlen: 256, seed: 0,
+    prune:   {method: wanda, sparsity: 0.5, pattern: unstructured, calib: wiki, nsamples: 64, seqlen: 128, seed: 0,
               owl_lambda: null, owl_m: 5}   # owl_lambda 0.08: OWL's per-block sparsities (null/0: uniform)
     recover: {method: ebft, preset: quick} # any method of `sparsefit recover`; the other keys are its options;
                                            # `recover: null` skips it
