@@ -28,16 +28,34 @@ PINNED_TORCH = "2.13.0"
 # channels chosen over the whole model, as the reference). Issue 13 changed the three EBFT runs: norms and biases
 # take no weight decay, and a fit ends on its best held-out state, the initial one included (with the two changes
 # undone the old checksums come back: checked when they were made). LoRA is as recorded before the redesign.
+# Each run lists the bits of each processor it was checked on: the first machines', then a Xeon with AMX and
+# AVX-512 FP16 (2026-12-06), where the float32 kernels round five of the runs differently; the code at the commit
+# that recorded the first set gives the second set there, so neither set is a change of behaviour.
 # The EBFT runs name their rate: the `quick` preset's moved from 1e-3 to 3e-3 (issue 13's frontier), and these
 # checksums pin the code path, not the preset.
 EXPECTED = {
-    "ebft-interleaved": "64f7966b82897815b9fc5252fb165ffb68dbe5b9ce859536f815e0e7f4caf47d",
-    "ebft-two-step": "071699f1d651999fb7813b83d4d6e3fd354bcf819a1cb315bd68eb960740dc16",
-    "ebft-dense-path-early-stop": "5fd1079a5b4ee7db8ed01dfcec08adbaf42e54e40b691ceca828b2b9a303d1e8",
-    "dsnot": "5ce0c74dc925a83639d097dcf135e65b4c97c74cd6ade25e6149cfeff2d6dff8",
-    "squarehead": "67861ddcfb7b1f84d08fa78126cd7eacdd66749f1bc0537fc113ad1f7eb588a5",
-    "lora": "d1b074c94a3ad5904b2abeed725bc5719cec1b3d0800cd387da8f750e7690101",
-    "s2ft": "ab5925cdfeec9571fa9b8c9c93cb1ff6bec9696ce103a8b4506b6bc58f786504",
+    "ebft-interleaved": {
+        "64f7966b82897815b9fc5252fb165ffb68dbe5b9ce859536f815e0e7f4caf47d",
+        "7d1bb5e5ffc86849a17e40a0ebaf885edd6cf076afc2b5391233afadd6b0a98d",
+    },
+    "ebft-two-step": {
+        "071699f1d651999fb7813b83d4d6e3fd354bcf819a1cb315bd68eb960740dc16",
+        "0a822d7823cd580b423a1bd35f0db0da186f9903cf483362d72a313df8165571",
+    },
+    "ebft-dense-path-early-stop": {"5fd1079a5b4ee7db8ed01dfcec08adbaf42e54e40b691ceca828b2b9a303d1e8"},
+    "dsnot": {"5ce0c74dc925a83639d097dcf135e65b4c97c74cd6ade25e6149cfeff2d6dff8"},
+    "squarehead": {
+        "67861ddcfb7b1f84d08fa78126cd7eacdd66749f1bc0537fc113ad1f7eb588a5",
+        "d24a9c73c040bd9f2ea3e863150208e97339a13012239981c78bf0ba333f8801",
+    },
+    "lora": {
+        "d1b074c94a3ad5904b2abeed725bc5719cec1b3d0800cd387da8f750e7690101",
+        "ff58740413f7b6003d2e086870919c8d2275aaf767e19c7bb5f608ef63594538",
+    },
+    "s2ft": {
+        "ab5925cdfeec9571fa9b8c9c93cb1ff6bec9696ce103a8b4506b6bc58f786504",
+        "9fc0a770bebf095e64a69babb684da7b0ef7ea1b101b535be7ddbfa6d4954a36",
+    },
 }
 
 
@@ -99,4 +117,4 @@ RUNS = {
 
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_pinned_checksum(name):
-    assert RUNS[name]() == EXPECTED[name], f"{name} changed its weights"
+    assert RUNS[name]() in EXPECTED[name], f"{name} changed its weights"

@@ -55,9 +55,17 @@ def test_wanda_50_then_ebft(smol):
                           pattern=parse_pattern("unstructured"), device=torch.device("cpu"),
                           options={"preset": "quick", "epochs": 1})  # fmt: skip
     result = get_method("ebft").run(ctx)
-    assert all(b["final_loss"] < b["initial_loss"] for b in result["blocks"])
+    blocks = result["blocks"]
+    lines = "\n".join(f"block {b['block']}: train {b['initial_loss']:.4g} -> {b['final_loss']:.4g}, held-out "
+                      f"{b['initial_heldout']:.4g} -> {b['final_heldout']:.4g}, attempts {b['attempts']}, "
+                      f"reverted {b['reverted']}" for b in blocks)  # fmt: skip
+    print(lines)
+    # No block ends worse on its held-out windows (the guard), and nearly every one ends better: with 7 steps at
+    # `quick`'s rate a block may need the guard's lower rate or stay as pruned.
+    assert all(b["final_heldout"] <= b["initial_heldout"] for b in blocks), lines
+    assert sum(b["final_heldout"] < b["initial_heldout"] for b in blocks) >= 27, lines
     recovered = perplexity(model, stream, **EVAL).value
-    # Measured 37.18: one epoch of the cpu preset closes about a quarter of the gap.
-    assert recovered < pruned * 0.93
+    # Measured 37.18 at lr 1e-3: one epoch closes about a quarter of the gap.
+    assert recovered < pruned * 0.93, recovered
     for (i, name), keep in masks.items():
         assert torch.equal(weight_matrix(get_adapter(model).get_blocks(model)[i].get_submodule(name)) != 0, keep)
