@@ -55,7 +55,7 @@ ROWS: dict[str, dict] = {
     "70-lr3e-4": {"prune": W70, "ebft": {**CPU, "lr": 3e-4}},
     "70-cosine-warmup": {"prune": W70, "ebft": {**CPU, "schedule": "cosine", "warmup": 0.1}},
     "70-batch4": {"prune": W70, "ebft": {**CPU, "batch_size": 4, "epochs": 8}},
-    "70-calib64x128": {"prune": W70, "calib": (64, 128), "ebft": CPU, "baseline": "70-calib64x128-pruned"},
+    "70-calib64x128": {"prune": W70, "calib": (64, 128), "ebft": CPU},
     "70-calib128x256": {"prune": W70, "calib": (128, 256), "ebft": {**CPU, "epochs": 1}},
     "70-sub-block": {"prune": W70, "ebft": {**CPU, "window": "sub-block"}},
     "70-window2": {"prune": W70, "ebft": {**CPU, "window": 2}},
@@ -79,33 +79,24 @@ ROWS: dict[str, dict] = {
     "70-window2+squarehead": {"prune": W70, "ebft": {**CPU, "window": 2}, "global": SQH},
     "70-window2-epochs8+squarehead": {"prune": W70, "ebft": {**CPU, "window": 2, "epochs": 8}, "global": SQH},
     "70-calib64x128-pruned": {"prune": W70, "calib": (64, 128)},
-    "70-calib64x128-lr3e-3": {"prune": W70, "calib": (64, 128), "ebft": {**CPU, "lr": 3e-3},
-                              "baseline": "70-calib64x128-pruned"},
-    "70-calib64x128-lr3e-3-epochs8": {"prune": W70, "calib": (64, 128), "ebft": {**CPU, "lr": 3e-3, "epochs": 8},
-                                      "baseline": "70-calib64x128-pruned"},
+    "70-calib64x128-lr3e-3": {"prune": W70, "calib": (64, 128), "ebft": {**CPU, "lr": 3e-3}},
+    "70-calib64x128-lr3e-3-epochs8": {"prune": W70, "calib": (64, 128), "ebft": {**CPU, "lr": 3e-3, "epochs": 8}},
     "70-calib64x128-lr3e-3-window2-epochs8+squarehead": {
-        "prune": W70, "calib": (64, 128), "ebft": {**CPU, "lr": 3e-3, "window": 2, "epochs": 8}, "global": SQH,
-        "baseline": "70-calib64x128-pruned"},
+        "prune": W70, "calib": (64, 128), "ebft": {**CPU, "lr": 3e-3, "window": 2, "epochs": 8}, "global": SQH},
     "70-calib64x128-lr3e-3+squarehead": {"prune": W70, "calib": (64, 128), "ebft": {**CPU, "lr": 3e-3},
-                                         "global": SQH, "baseline": "70-calib64x128-pruned"},
+                                         "global": SQH},
     "70-calib128x128-pruned": {"prune": W70, "calib": (128, 128)},
-    "70-calib128x128-lr3e-3": {"prune": W70, "calib": (128, 128), "ebft": {**CPU, "lr": 3e-3},
-                               "baseline": "70-calib128x128-pruned"},
+    "70-calib128x128-lr3e-3": {"prune": W70, "calib": (128, 128), "ebft": {**CPU, "lr": 3e-3}},
     "70-calib256x128-pruned": {"prune": W70, "calib": (256, 128)},
-    "70-calib256x128-lr3e-3-epochs2": {"prune": W70, "calib": (256, 128), "ebft": {**CPU, "lr": 3e-3, "epochs": 2},
-                                       "baseline": "70-calib256x128-pruned"},
+    "70-calib256x128-lr3e-3-epochs2": {"prune": W70, "calib": (256, 128), "ebft": {**CPU, "lr": 3e-3, "epochs": 2}},
     "2:4-pruned": {"prune": W24},
     "2:4-calib128x128-pruned": {"prune": W24, "calib": (128, 128)},
-    "2:4-calib128x128-lr3e-3": {"prune": W24, "calib": (128, 128), "ebft": {**CPU, "lr": 3e-3},
-                                "baseline": "2:4-calib128x128-pruned"},
+    "2:4-calib128x128-lr3e-3": {"prune": W24, "calib": (128, 128), "ebft": {**CPU, "lr": 3e-3}},
     "2:4-calib64x128-pruned": {"prune": W24, "calib": (64, 128)},
-    "2:4-calib64x128-lr3e-3": {"prune": W24, "calib": (64, 128), "ebft": {**CPU, "lr": 3e-3},
-                               "baseline": "2:4-calib64x128-pruned"},
-    "2:4-calib64x128-lr3e-3-epochs8": {"prune": W24, "calib": (64, 128), "ebft": {**CPU, "lr": 3e-3, "epochs": 8},
-                                       "baseline": "2:4-calib64x128-pruned"},
+    "2:4-calib64x128-lr3e-3": {"prune": W24, "calib": (64, 128), "ebft": {**CPU, "lr": 3e-3}},
+    "2:4-calib64x128-lr3e-3-epochs8": {"prune": W24, "calib": (64, 128), "ebft": {**CPU, "lr": 3e-3, "epochs": 8}},
     "2:4-calib64x128-lr3e-3-window2-epochs8+squarehead": {
-        "prune": W24, "calib": (64, 128), "ebft": {**CPU, "lr": 3e-3, "window": 2, "epochs": 8}, "global": SQH,
-        "baseline": "2:4-calib64x128-pruned"},
+        "prune": W24, "calib": (64, 128), "ebft": {**CPU, "lr": 3e-3, "window": 2, "epochs": 8}, "global": SQH},
     "2:4-cpu": {"prune": W24, "ebft": CPU},
     "2:4-relative": {"prune": W24, "ebft": REL},
     "2:4-sub-block": {"prune": W24, "ebft": {**CPU, "window": "sub-block"}},
@@ -127,12 +118,20 @@ def wanda_baseline_of(name: str) -> str:
 def baseline_of(name: str, run: dict | None = None) -> str:
     """The row whose pruned model a row's gap is measured against (same masks method, same calibration).
 
+    Named in the row, else Wanda pruned from the row's calibration shape (``70-calib64x128-pruned``) when the
+    table has it, else Wanda pruned from the default windows.
+
     A stored row this file no longer (or not yet) names keeps the baseline stored with it: another --merge run
     of a newer file may have written it.
     """
-    if name in ROWS:
-        return ROWS[name].get("baseline", wanda_baseline_of(name))
-    return (run or {}).get("baseline", wanda_baseline_of(name))
+    if name not in ROWS:
+        return (run or {}).get("baseline", wanda_baseline_of(name))
+    row = ROWS[name]
+    if "baseline" in row:
+        return row["baseline"]
+    # A row with its own calibration shape against Wanda pruned from the same windows, where that row exists.
+    own = f"{name.split('-')[0]}-calib{row['calib'][0]}x{row['calib'][1]}-pruned" if "calib" in row else None
+    return own if own in ROWS and own != name else wanda_baseline_of(name)
 
 
 def measure(args: argparse.Namespace, name: str) -> dict:
