@@ -170,8 +170,12 @@ def test_more_processes_than_windows_is_one_line(workspace):
     result = sparsefit("prune", "--model", workspace / "model", "--calib", workspace / "corpus.txt", "--nsamples",
                        "1", "--seqlen", "32", "--out", workspace / "out", processes=2)  # fmt: skip
     assert result.returncode != 0
-    for rank in (0, 1):
-        assert f"error: rank {rank}: 1 calibration windows cannot be shared by 2 processes" in result.stderr
+    # Each rank finds this itself, but torchrun ends the other rank as soon as one exits, so under load only the
+    # first rank's line may come: every line that came is this one, and at least one came.
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors
+    for line in errors:
+        assert re.fullmatch(r"error: rank [01]: 1 calibration windows cannot be shared by 2 processes; .*", line)
     assert not re.search(r'File ".*sparsefit', result.stderr)  # torchrun's own report is the only traceback
     assert not (workspace / "out").exists()
 
