@@ -36,7 +36,7 @@ W24 = {"method": "wanda", "sparsity": 0.5, "pattern": "2:4"}
 # The base every row changes one lever of: lr 1e-3, 4 epochs, batch 2, 2 held out, which was the `cpu` preset when
 # the first rows were measured and then `quick`; rows named "-cpu" are this base. The rate is named because
 # `quick` moved to 3e-3 with calibration 64 x 128 from this table: its rows are "-calib64x128-lr3e-3".
-CPU = {"preset": "quick", "lr": 1e-3}
+CPU = {"preset": "quick", "lr": 1e-3, "target": "sparse-path"}
 REL = {**CPU, "loss": "token-relative"}
 SQH = {"preset": "cpu"}
 ROWS: dict[str, dict] = {
@@ -85,18 +85,42 @@ ROWS: dict[str, dict] = {
         "prune": W70, "calib": (64, 128), "ebft": {**CPU, "lr": 3e-3, "window": 2, "epochs": 8}, "global": SQH},
     "70-calib64x128-lr3e-3+squarehead": {"prune": W70, "calib": (64, 128), "ebft": {**CPU, "lr": 3e-3},
                                          "global": SQH},
+    "70-calib64x128-lr3e-3-dense-path": {"prune": W70, "calib": (64, 128),
+                                         "ebft": {**CPU, "lr": 3e-3, "target": "dense-path"}},
+    "70-calib64x128-lr3e-3-mix": {"prune": W70, "calib": (64, 128), "ebft": {**CPU, "lr": 3e-3, "target": "mix"}},
+    "70-calib64x128-lr3e-3-mix0.25": {"prune": W70, "calib": (64, 128),
+                                      "ebft": {**CPU, "lr": 3e-3, "target": "mix:0.25"}},
+    "70-calib64x128-lr3e-3-mix0.75": {"prune": W70, "calib": (64, 128),
+                                      "ebft": {**CPU, "lr": 3e-3, "target": "mix:0.75"}},
+    "70-calib64x128-lr3e-3-mix-epochs8": {"prune": W70, "calib": (64, 128),
+                                          "ebft": {**CPU, "lr": 3e-3, "target": "mix", "epochs": 8}},
+    "70-calib128x128-lr3e-3-mix": {"prune": W70, "calib": (128, 128), "ebft": {**CPU, "lr": 3e-3, "target": "mix"}},
+    "70-calib64x128-lr6e-3": {"prune": W70, "calib": (64, 128), "ebft": {**CPU, "lr": 6e-3}},
+    "70-calib128x64-pruned": {"prune": W70, "calib": (128, 64)},
+    "70-calib128x64-lr3e-3": {"prune": W70, "calib": (128, 64), "ebft": {**CPU, "lr": 3e-3}},
     "70-calib128x128-pruned": {"prune": W70, "calib": (128, 128)},
     "70-calib128x128-lr3e-3": {"prune": W70, "calib": (128, 128), "ebft": {**CPU, "lr": 3e-3}},
     "70-calib256x128-pruned": {"prune": W70, "calib": (256, 128)},
+    "70-calib256x128-lr3e-3-mix-epochs2": {"prune": W70, "calib": (256, 128),
+                                           "ebft": {**CPU, "lr": 3e-3, "target": "mix", "epochs": 2}},
     "70-calib256x128-lr3e-3-epochs2": {"prune": W70, "calib": (256, 128), "ebft": {**CPU, "lr": 3e-3, "epochs": 2}},
     "2:4-pruned": {"prune": W24},
     "2:4-calib128x128-pruned": {"prune": W24, "calib": (128, 128)},
     "2:4-calib128x128-lr3e-3": {"prune": W24, "calib": (128, 128), "ebft": {**CPU, "lr": 3e-3}},
     "2:4-calib64x128-pruned": {"prune": W24, "calib": (64, 128)},
+    "2:4-calib256x128-pruned": {"prune": W24, "calib": (256, 128)},
+    "2:4-calib256x128-lr3e-3-mix-epochs2": {"prune": W24, "calib": (256, 128),
+                                            "ebft": {**CPU, "lr": 3e-3, "target": "mix", "epochs": 2}},
     "2:4-calib64x128-lr3e-3": {"prune": W24, "calib": (64, 128), "ebft": {**CPU, "lr": 3e-3}},
     "2:4-calib64x128-lr3e-3-epochs8": {"prune": W24, "calib": (64, 128), "ebft": {**CPU, "lr": 3e-3, "epochs": 8}},
     "2:4-calib64x128-lr3e-3-window2-epochs8+squarehead": {
         "prune": W24, "calib": (64, 128), "ebft": {**CPU, "lr": 3e-3, "window": 2, "epochs": 8}, "global": SQH},
+    "2:4-calib64x128-lr3e-3-dense-path": {"prune": W24, "calib": (64, 128),
+                                          "ebft": {**CPU, "lr": 3e-3, "target": "dense-path"}},
+    "2:4-calib64x128-lr3e-3-mix": {"prune": W24, "calib": (64, 128), "ebft": {**CPU, "lr": 3e-3, "target": "mix"}},
+    "2:4-calib64x128-lr3e-3-mix-epochs8": {"prune": W24, "calib": (64, 128),
+                                           "ebft": {**CPU, "lr": 3e-3, "target": "mix", "epochs": 8}},
+    "2:4-calib128x128-lr3e-3-mix": {"prune": W24, "calib": (128, 128), "ebft": {**CPU, "lr": 3e-3, "target": "mix"}},
     "2:4-cpu": {"prune": W24, "ebft": CPU},
     "2:4-relative": {"prune": W24, "ebft": REL},
     "2:4-sub-block": {"prune": W24, "ebft": {**CPU, "window": "sub-block"}},
@@ -232,7 +256,8 @@ def report(args: argparse.Namespace, dense_run: dict, runs: dict[str, dict]) -> 
         f"SmolLM2-135M, 2 CPU cores, torch {torch.__version__}, {args.jobs} row(s) at a time, {threads}. Calibration "
         f"`wiki` {args.nsamples} x {args.seqlen} unless the row says; interleaved prune + recover (the reference's "
         "order). Base (rows named `-cpu`): lr 1e-3, 4 epochs, batch 2, 2 held-out windows (60 steps per block), the "
-        "former `quick`; today's `quick` is `-calib64x128-lr3e-3` and `cpu` `-calib64x128-lr3e-3-epochs8`. "
+        "former `quick` (sparse-path target); today's `quick` is `-calib64x128-lr3e-3-mix` and `cpu` "
+        "`-calib64x128-lr3e-3-mix-epochs8`. "
         "Perplexity on the "
         f"first {args.max_tokens} test tokens at seqlen {args.eval_seqlen}; dense: wiki {dense['wiki']:.2f}, books "
         f"{dense['books']:.2f}. Gap closed: share of the pruned-to-dense gap of the row's baseline (same masks "

@@ -139,7 +139,7 @@ def test_resume_with_other_settings_is_refused(workspace, monkeypatch, tmp_path,
     assert "settings differ" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("target", ["sparse-path", "dense-path"])
+@pytest.mark.parametrize("target", ["sparse-path", "dense-path", "mix:0.3"])
 def test_two_step_recover_from_a_run_folder(workspace, monkeypatch, tmp_path, target):
     pruned = tmp_path / "pruned"
     assert cli(monkeypatch, *prune_args(workspace, pruned, "--sparsity", "0.6")) == 0

@@ -7,7 +7,7 @@ from sparsefit.models import get_adapter, prunable_layers, weight_matrix
 from sparsefit.prune import PruneConfig, parse_pattern, prune_model
 from sparsefit.recover import RecoveryContext, get_method
 from sparsefit.recover.ebft import EBFTConfig, EBFTStep, fine_tune_block
-from sparsefit.walk import BlockContext, TeacherStep, capture_inputs, check_teacher
+from sparsefit.walk import BlockContext, TeacherStep, capture_inputs, check_teacher, run_blocks
 from sparsefit.walk.masks import block_masks
 
 IDS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
@@ -61,12 +61,12 @@ def test_fine_tune_block_lowers_loss_and_keeps_masks_exactly():
     assert all(not p.requires_grad for p in block.parameters())
 
 
-@pytest.mark.parametrize("target", ["sparse-path", "dense-path"])
-def test_interleaved_prune_then_ebft_runs_for_both_targets(target):
+@pytest.mark.parametrize("target", ["sparse-path", "dense-path", "mix:0.3"])
+def test_interleaved_prune_then_ebft_runs_for_every_target(target):
     model = make_tiny_model("llama")
     cfg = PruneConfig(method="wanda", sparsity=0.5, device="cpu", nsamples=8, seqlen=32)
     config = EBFTConfig(lr=1e-3, epochs=2, batch_size=2, target=target)
-    steps_before = [TeacherStep(None, target="dense-path")] if target == "dense-path" else []
+    steps_before = [TeacherStep(None, target=target)] if target != "sparse-path" else []
     walked = prune_model(
         model, IDS, cfg, steps_before=steps_before, recover_steps=[EBFTStep(config)],
         keep_dense_outputs=target == "sparse-path",
@@ -76,6 +76,24 @@ def test_interleaved_prune_then_ebft_runs_for_both_targets(target):
     assert all(f["final_loss"] < f["initial_loss"] for f in fits.values())
     for name, keep in _masks(model).items():
         assert keep.float().mean().item() == pytest.approx(0.5), name
+
+
+def test_mix_target_is_the_weighted_sum_of_the_two_paths():
+    dense = make_tiny_model("llama", layers=3)
+    model = make_tiny_model("llama", layers=3)
+    prune_model(model, IDS, PruneConfig(method="magnitude", sparsity=0.7, device="cpu", nsamples=8, seqlen=32))
+    seen = {}
+    for target in ("sparse-path", "dense-path", "mix:0.25", "mix"):
+        outputs = seen[target] = []
+        steps = [TeacherStep(dense, target=target), lambda ctx, out=outputs: out.append(ctx.dense_outputs.clone())]
+        run_blocks(model, IDS, steps, device=CPU, batch_size=4)
+    sparse, dense_path = seen["sparse-path"], seen["dense-path"]
+    assert torch.equal(sparse[0], dense_path[0])  # the first block's inputs are the same on both paths
+    for i in (1, 2):
+        assert (sparse[i] - dense_path[i]).abs().max() > 1e-3  # the paths part after a pruned block
+        for target, share in (("mix:0.25", 0.25), ("mix", 0.5)):
+            want = (1 - share) * sparse[i] + share * dense_path[i]
+            torch.testing.assert_close(seen[target][i], want, rtol=1e-6, atol=1e-6)
 
 
 def test_two_step_recover_improves_output_and_keeps_masks():
@@ -112,6 +130,9 @@ def test_teacher_must_match():
         (dict(batch_size=9), "larger than"),
         (dict(heldout=8), "no training window"),
         (dict(target="teacher"), "target"),
+        (dict(target="mix:1.5"), "mix:W with 0 < W < 1"),
+        (dict(target="mix:x"), "'mix:x'"),
+        (dict(target="mix", window="2"), "window 2 takes the sparse-path or dense-path target"),
         (dict(early_stop=2), "held-out"),
     ],
 )

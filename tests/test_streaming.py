@@ -92,6 +92,7 @@ def test_streamed_prune_and_ebft_equal_the_in_memory_path(arch, corpus, tmp_path
 
 @pytest.mark.parametrize("options", [
     {**EBFT, "target": "dense-path"},
+    {**EBFT, "target": "mix:0.3"},
     {**EBFT, "window": "2"},
 ])  # fmt: skip
 def test_streamed_ebft_variants_equal_the_in_memory_path(options, corpus, tmp_path):

@@ -44,7 +44,8 @@ EPOCHS = typer.Option(None, "--epochs", help="passes over the calibration window
 TRAIN_BATCH = typer.Option(None, "--train-batch", "--ebft-batch", help="windows per optimizer step (EBFT paper 8)")
 WEIGHT_DECAY = typer.Option(None, "--weight-decay", help="AdamW weight decay (EBFT paper 0.1)")
 FREEZE_NORMS = typer.Option(False, "--freeze-norms", help="EBFT: train only the masked linear weights")
-TARGET = typer.Option(None, "--target", help="EBFT target: sparse-path (official) or dense-path")
+TARGET = typer.Option(None, "--target",
+                      help="EBFT target: sparse-path (official), dense-path, or mix[:W] (W: dense-path share, 0.5)")
 HELDOUT = typer.Option(None, "--heldout", help="calibration windows kept out of training for the held-out loss")
 EARLY_STOP = typer.Option(None, "--early-stop", help="stop after N epochs without held-out improvement, keep the best")
 OPTION = typer.Option(None, "--option", "-o", help="any method option as KEY=VALUE (repeatable), e.g. -o layers=all")

@@ -228,9 +228,11 @@ def prune_interleaved(
     if method is not None:
         target = method.target(method_config)
         keep_block = method.needs_teacher_block(method_config)
-        if target == "dense-path" or keep_block:
-            steps_before = [TeacherStep(None, target="dense-path" if target == "dense-path" else None,
-                                        keep_block=keep_block)]  # fmt: skip
+        # The pruning step keeps the dense block's outputs on the sparse inputs (the sparse-path target) for free;
+        # a target with a dense-path share is set before it, while the block is still dense.
+        before = target if target is not None and target != "sparse-path" else None
+        if before is not None or keep_block:
+            steps_before = [TeacherStep(None, target=before, keep_block=keep_block)]
         recover_steps = method.block_steps(method_config, parse_pattern(config.pattern))
         keep_dense = target == "sparse-path"
     return prune_model(model, calib, config, steps_before=steps_before, recover_steps=recover_steps,

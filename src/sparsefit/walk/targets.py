@@ -3,6 +3,10 @@
 ``sparse-path``: the dense block run on the sparse model's own inputs (EBFT's official target).
 ``dense-path``: the dense model's own activations at that depth; the dense inputs are carried
 block to block beside the sparse ones.
+``mix`` or ``mix:W``: ``(1 - W) * sparse-path + W * dense-path`` (W = 0.5 by default). For a mean-squared
+error this is the same fit as the two losses weighted ``1 - W`` and ``W`` (they differ by a constant), the
+weighting that no reference exposes: the sparse path asks each block to repair its own inputs' damage only,
+the dense path to undo the earlier blocks' too.
 """
 
 from __future__ import annotations
@@ -17,7 +21,33 @@ from sparsefit.models.adapters import get_adapter, prunable_layers, weight_matri
 from sparsefit.walk.blocks import InMemoryBlocks
 from sparsefit.walk.walker import BlockContext, BlockStep
 
-TARGETS = ("sparse-path", "dense-path")
+TARGETS = ("sparse-path", "dense-path", "mix")
+
+
+def dense_share(target: str) -> float:
+    """The dense path's share ``W`` of a target: sparse-path 0, dense-path 1, mix 0.5, ``mix:W`` W (0 < W < 1)."""
+    fixed = {"sparse-path": 0.0, "dense-path": 1.0, "mix": 0.5}
+    if target in fixed:
+        return fixed[target]
+    kind, _, weight = str(target).partition(":")
+    try:
+        share = float(weight) if kind == "mix" else None
+    except ValueError:
+        share = None
+    if share is None or not 0.0 < share < 1.0:
+        raise UsageError(f"target {target!r} is not one of sparse-path, dense-path, mix, or mix:W with 0 < W < 1 "
+                         "(W: the dense path's share)")  # fmt: skip
+    return share
+
+
+def mix_targets(sparse_path: torch.Tensor, dense_path: torch.Tensor, share: float, out: torch.Tensor,
+                batch: int = 64) -> torch.Tensor:  # fmt: skip
+    """``(1 - share) * sparse_path + share * dense_path`` into ``out`` (either may live on disk), in float32."""
+    for start in range(0, out.shape[0], batch):
+        rows = slice(start, start + batch)
+        mixed = torch.lerp(sparse_path[rows].float(), dense_path[rows].float(), share)
+        out[rows] = mixed.to(out.dtype)
+    return out
 
 
 def check_teacher(sparse: nn.Module, teacher: nn.Module, same_shapes: bool = True) -> None:
@@ -53,15 +83,14 @@ class TeacherStep(BlockStep):
     def __init__(
         self, teacher: nn.Module | InMemoryBlocks | None = None, target: str | None = None, keep_block: bool = False
     ):
-        if target is not None and target not in TARGETS:
-            raise UsageError(f"target {target!r} is not one of {', '.join(TARGETS)}")
+        self.share = None if target is None else dense_share(target)  # one line naming the bad target
         self.teacher = teacher
         self.target = target
         self.keep_block = keep_block
         self.dense_inputs: torch.Tensor | None = None
 
     def restore(self, carry: dict[str, torch.Tensor], first_inputs: torch.Tensor) -> None:
-        if self.target == "dense-path":
+        if self.share:
             # None: the first block's dense inputs equal the sparse model's (embeddings are not pruned), copied
             # from the first block's inputs when it is reached.
             self.dense_inputs = carry.get("dense_inputs")
@@ -80,12 +109,17 @@ class TeacherStep(BlockStep):
             block = ctx.block
         if self.keep_block or self.teacher is not None:
             ctx.teacher_block = block
-        if self.target is None:
+        if self.share is None:
             return
-        if self.target == "dense-path":
+        dense_path = None
+        if self.share > 0:
             if self.dense_inputs is None:
                 self.dense_inputs = ctx.activations.clone(ctx.inputs)
-            ctx.dense_outputs = ctx.run_all(self.dense_inputs, block)
-            self.dense_inputs = ctx.dense_outputs
-        else:
-            ctx.dense_outputs = ctx.run_all(ctx.inputs, block)
+            dense_path = self.dense_inputs = ctx.run_all(self.dense_inputs, block)
+        if self.share == 1:
+            ctx.dense_outputs = dense_path
+            return
+        sparse_path = ctx.run_all(ctx.inputs, block)
+        if dense_path is not None:
+            sparse_path = mix_targets(sparse_path, dense_path, self.share, out=sparse_path)
+        ctx.dense_outputs = sparse_path
