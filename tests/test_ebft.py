@@ -132,7 +132,6 @@ def test_teacher_must_match():
         (dict(target="teacher"), "target"),
         (dict(target="mix:1.5"), "mix:W with 0 < W < 1"),
         (dict(target="mix:x"), "'mix:x'"),
-        (dict(target="mix", window="2"), "window 2 takes the sparse-path or dense-path target"),
         (dict(early_stop=2), "held-out"),
     ],
 )

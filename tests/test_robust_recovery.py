@@ -111,7 +111,8 @@ def test_a_window_of_two_blocks_trains_both_against_the_dense_output_of_the_seco
     masks = model_masks(sparse)
     pruned = copy.deepcopy(sparse)
     inputs, kwargs = block_inputs(sparse)
-    report = recover(dense, sparse, preset="quick", epochs=3, batch_size=2, heldout=0, window=2, lr=3e-3)
+    report = recover(dense, sparse, preset="quick", epochs=3, batch_size=2, heldout=0, window=2, lr=3e-3,
+                     target="sparse-path")  # fmt: skip
     assert [b["window"] for b in report["blocks"]] == [[0, 1], [2, 3]]
     assert [b["block"] for b in report["blocks"]] == [1, 3]
     for name, keep in model_masks(sparse).items():
@@ -126,11 +127,27 @@ def test_a_window_of_two_blocks_trains_both_against_the_dense_output_of_the_seco
     assert after < before and report["blocks"][0]["final_loss"] == pytest.approx(after.item(), rel=1e-4)
 
 
+def test_a_window_of_two_blocks_with_the_mixed_target_fits_the_mix_of_both_paths():
+    dense, sparse = pruned_pair("llama", layers=4)
+    inputs, kwargs = block_inputs(sparse)
+    report = recover(dense, sparse, preset="quick", epochs=3, batch_size=2, heldout=0, window=2, lr=3e-3,
+                     target="mix:0.25")  # fmt: skip
+    # The second window's target: the dense blocks 2-3 on the recovered model's inputs at block 2 (sparse path),
+    # and the dense model's own output of block 3 (dense path), weighted 0.75 and 0.25.
+    at_2 = chain(sparse, 0, 2, inputs, kwargs)
+    target = 0.75 * chain(dense, 2, 4, at_2, kwargs) + 0.25 * chain(dense, 0, 4, inputs, kwargs)
+    final = torch.nn.functional.mse_loss(chain(sparse, 2, 4, at_2, kwargs), target)
+    assert report["blocks"][1]["final_loss"] == pytest.approx(final.item(), rel=1e-4)
+    assert report["blocks"][1]["final_loss"] < report["blocks"][1]["initial_loss"]
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
-def test_sub_block_window_fits_attention_then_mlp_and_keeps_masks(arch):
+@pytest.mark.parametrize("target", ["sparse-path", "mix"])
+def test_sub_block_window_fits_attention_then_mlp_and_keeps_masks(arch, target):
     dense, sparse = pruned_pair(arch)
     masks = model_masks(sparse)
-    report = recover(dense, sparse, preset="quick", epochs=2, batch_size=2, heldout=0, window="sub-block")
+    report = recover(dense, sparse, preset="quick", epochs=2, batch_size=2, heldout=0, window="sub-block",
+                     target=target)  # fmt: skip
     for name, keep in model_masks(sparse).items():
         assert torch.equal(keep, masks[name]), name
     for block in report["blocks"]:
@@ -169,8 +186,8 @@ def test_window_option_errors_are_one_line():
     method = get_method("ebft")
     with pytest.raises(Exception, match="window 'three' is not one of sub-block, block or a number"):
         method.configure({"window": "three"}, 8, CPU)
-    with pytest.raises(Exception, match="sub-block takes the sparse-path target only"):
-        method.configure({"window": "sub-block", "target": "dense-path"}, 8, CPU)
+    with pytest.raises(Exception, match="ebft target 'mix:0' is not one of"):
+        method.configure({"window": "sub-block", "target": "mix:0"}, 8, CPU)
 
 
 def test_interleaved_window_of_two_equals_across_a_resume(workspace, monkeypatch, tmp_path):  # noqa: F811

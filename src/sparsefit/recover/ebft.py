@@ -29,7 +29,7 @@ from sparsefit.recover.base import BlockwiseMethod
 from sparsefit.recover.report import ebft_markdown, ebft_plot_png
 from sparsefit.recover.training import FitConfig, flat_params, train_loop
 from sparsefit.walk.masks import block_masks, mask_gradients
-from sparsefit.walk.targets import dense_share
+from sparsefit.walk.targets import dense_share, mix_targets
 from sparsefit.walk.walker import BlockContext, BlockStep, call_block
 
 AUTOCAST = ("auto", "none", "bf16")
@@ -66,18 +66,14 @@ class EBFTConfig(FitConfig):
 
     def validate(self, name: str = "ebft", n_windows: int | None = None) -> None:
         super().validate(name, n_windows)
-        dense_share(self.target)
+        try:
+            dense_share(self.target)
+        except UsageError as error:
+            raise UsageError(f"{name} {error}") from None
         check(self.autocast in AUTOCAST, f"{name} autocast {self.autocast!r}: use {', '.join(AUTOCAST)}")
         check(self.loss in LOSSES, f"{name} loss {self.loss!r} is not one of {', '.join(LOSSES)}")
         check(isinstance(self.retries, int) and self.retries >= 0, f"{name} retries {self.retries!r} must be >= 0")
         self.window_blocks()
-        check(not (self.window == "sub-block" and self.target != "sparse-path"),
-              f"{name} window sub-block takes the sparse-path target only, not {self.target!r}")  # fmt: skip
-        # A window of blocks builds its sparse-path target itself, from the window's first inputs; a mix would
-        # need the dense path at its last block beside it, which no one has asked for.
-        pure = self.target in ("sparse-path", "dense-path")
-        check(pure or self.window_blocks() <= 1,
-              f"{name} window {self.window} takes the sparse-path or dense-path target, not {self.target!r}")
 
     def window_blocks(self) -> int:
         """Blocks per reconstruction window: 0 for a sub-block window, 1 for EBFT's, N for N blocks."""
@@ -436,7 +432,12 @@ class EBFTStep(BlockStep):
         def in_mlp(name: str) -> bool:
             return name.split(".")[0] in mlp_part
 
-        dense_mid = ctx.run_all(ctx.inputs, _ForwardTo(ctx.teacher_block, boundary, kwargs))
+        # The attention part's target: the dense block's middle on the sparse path, the dense path, or a mix.
+        share, dense_half = dense_share(self.config.target), _ForwardTo(ctx.teacher_block, boundary, kwargs)
+        dense_mid = ctx.run_all(ctx.inputs, dense_half) if share < 1 else None
+        if share > 0:
+            path_mid = ctx.run_all(ctx.dense_path_inputs, dense_half)
+            dense_mid = path_mid if dense_mid is None else mix_targets(dense_mid, path_mid, share, out=dense_mid)
         attention = self._fit(ctx, ctx.block, _forward_to(ctx.block, boundary, kwargs), ctx.inputs, dense_mid, masks,
                               include=lambda n: not in_mlp(n), label=" attention")  # fmt: skip
         mlp = self._fit(ctx, ctx.block, ctx.forward, ctx.inputs, ctx.dense_outputs, masks, include=in_mlp,
@@ -447,17 +448,23 @@ class EBFTStep(BlockStep):
         """Gather a window of blocks; train them together when its last block is pruned."""
         first = ctx.index - ctx.index % self.span
         last = min(first + self.span, len(ctx.blocks)) - 1
+        share = dense_share(self.config.target)
         if ctx.index == first:
             self.window_inputs = ctx.inputs
-            self.window_dense = ctx.inputs if self.config.target == "sparse-path" else None
-        if self.config.target == "sparse-path":
+            self.window_dense = ctx.inputs if share < 1 else None
+        if share < 1:  # the window's sparse path: the dense blocks chained from the window's first inputs
             if ctx.teacher_block is None:
                 raise RuntimeError("EBFT's multi-block window needs the dense block; the method asks for it")
             self.window_dense = ctx.run_all(self.window_dense, ctx.teacher_block)
         if ctx.index < last:
             ctx.summary = f"pruned; trains with blocks {first}-{last}"
             return
-        targets = self.window_dense if self.config.target == "sparse-path" else ctx.dense_outputs
+        if share == 0:
+            targets = self.window_dense
+        elif share == 1:
+            targets = ctx.dense_outputs
+        else:
+            targets = mix_targets(self.window_dense, ctx.dense_path_outputs, share, out=self.window_dense)
         span = range(first, last + 1)
         window = nn.ModuleList([ctx.blocks[j] for j in span])
         kwargs = [ctx.kwargs_of(j) for j in span]
@@ -518,7 +525,7 @@ class EBFT(BlockwiseMethod):
     def needs_teacher_block(self, config: EBFTConfig) -> bool:
         # A sub-block window reads the dense block's middle; a window of blocks chains the dense blocks.
         span = config.window_blocks()
-        return span == 0 or (span > 1 and config.target == "sparse-path")
+        return span == 0 or (span > 1 and config.target != "dense-path")
 
     def with_budget(self, config: EBFTConfig, budget_tokens: int | None, n_windows: int, seqlen: int) -> EBFTConfig:
         if budget_tokens is None:

@@ -115,7 +115,8 @@ class TeacherStep(BlockStep):
         if self.share > 0:
             if self.dense_inputs is None:
                 self.dense_inputs = ctx.activations.clone(ctx.inputs)
-            dense_path = self.dense_inputs = ctx.run_all(self.dense_inputs, block)
+            ctx.dense_path_inputs = self.dense_inputs
+            dense_path = ctx.dense_path_outputs = self.dense_inputs = ctx.run_all(self.dense_inputs, block)
         if self.share == 1:
             ctx.dense_outputs = dense_path
             return

@@ -38,6 +38,10 @@ class BlockContext:
     device: torch.device
     batch_size: int
     dense_outputs: torch.Tensor | None = None  # the reconstruction target, set by a target or prune step
+    # The dense model's own activations at this depth (its inputs and this dense block's outputs), set by a target
+    # step with a dense-path share: the windows that build their own target (a sub-block, N blocks) mix from them.
+    dense_path_inputs: torch.Tensor | None = None
+    dense_path_outputs: torch.Tensor | None = None
     teacher_block: nn.Module | None = None  # the dense version of this block, on ``device``, when a step needs it
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # layer name in block -> keep mask
     report: dict = field(default_factory=dict)
@@ -154,7 +158,7 @@ def walk_blocks(
         if ctx.teacher_block is not None:
             ctx.teacher_block.to("cpu")
         ctx.report["time_s"] = time.perf_counter() - began
-        ctx.dense_outputs = ctx.teacher_block = None
+        ctx.dense_outputs = ctx.teacher_block = ctx.dense_path_inputs = ctx.dense_path_outputs = None
         if on_block_done:
             on_block_done(ctx, outputs)
         inputs = outputs
