@@ -95,6 +95,8 @@ ROWS: dict[str, dict] = {
     "70-calib64x128-lr3e-3-mix-epochs8": {"prune": W70, "calib": (64, 128),
                                           "ebft": {**CPU, "lr": 3e-3, "target": "mix", "epochs": 8}},
     "70-calib128x128-lr3e-3-mix": {"prune": W70, "calib": (128, 128), "ebft": {**CPU, "lr": 3e-3, "target": "mix"}},
+    "70-calib128x128-lr3e-3-mix-epochs6": {"prune": W70, "calib": (128, 128),
+                                           "ebft": {**CPU, "lr": 3e-3, "target": "mix", "epochs": 6}},
     "70-calib128x128-pruned": {"prune": W70, "calib": (128, 128)},
     "70-calib128x128-lr3e-3": {"prune": W70, "calib": (128, 128), "ebft": {**CPU, "lr": 3e-3}},
     "70-calib256x128-pruned": {"prune": W70, "calib": (256, 128)},
