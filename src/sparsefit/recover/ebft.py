@@ -404,7 +404,7 @@ class EBFTStep(BlockStep):
         )  # fmt: skip
 
     def __call__(self, ctx: BlockContext) -> None:
-        if ctx.dense_outputs is None:
+        if self.span <= 1 and ctx.dense_outputs is None:
             raise RuntimeError("EBFT needs the dense targets; put a target step before it")
         masks = ctx.masks or (_all_ones(ctx.block) if self.all_weights else block_masks(ctx.block))
         if self.span == 0:
@@ -459,10 +459,12 @@ class EBFTStep(BlockStep):
         if ctx.index < last:
             ctx.summary = f"pruned; trains with blocks {first}-{last}"
             return
+        if share > 0 and ctx.dense_path_outputs is None:
+            raise RuntimeError("EBFT's window needs the dense path; the method asks for it")
         if share == 0:
             targets = self.window_dense
         elif share == 1:
-            targets = ctx.dense_outputs
+            targets = ctx.dense_path_outputs
         else:
             targets = mix_targets(self.window_dense, ctx.dense_path_outputs, share, out=self.window_dense)
         span = range(first, last + 1)
@@ -519,7 +521,11 @@ class EBFT(BlockwiseMethod):
     presets = PRESETS
     writes = ("ebft.json", "ebft.png", "report.md")
 
-    def target(self, config: EBFTConfig) -> str:
+    def target(self, config: EBFTConfig) -> str | None:
+        # A window of blocks builds its sparse path itself (the dense blocks chained from the window's first
+        # inputs): the walk provides the dense path only, and only when the target has a share of it.
+        if config.window_blocks() > 1:
+            return "dense-path" if dense_share(config.target) > 0 else None
         return config.target
 
     def needs_teacher_block(self, config: EBFTConfig) -> bool:

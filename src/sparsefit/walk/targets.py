@@ -21,14 +21,13 @@ from sparsefit.models.adapters import get_adapter, prunable_layers, weight_matri
 from sparsefit.walk.blocks import InMemoryBlocks
 from sparsefit.walk.walker import BlockContext, BlockStep
 
-TARGETS = ("sparse-path", "dense-path", "mix")
+TARGETS = {"sparse-path": 0.0, "dense-path": 1.0, "mix": 0.5}  # the named targets and their dense-path share
 
 
 def dense_share(target: str) -> float:
     """The dense path's share ``W`` of a target: sparse-path 0, dense-path 1, mix 0.5, ``mix:W`` W (0 < W < 1)."""
-    fixed = {"sparse-path": 0.0, "dense-path": 1.0, "mix": 0.5}
-    if target in fixed:
-        return fixed[target]
+    if target in TARGETS:
+        return TARGETS[target]
     kind, _, weight = str(target).partition(":")
     try:
         share = float(weight) if kind == "mix" else None
