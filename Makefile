@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 run: venv
-	$(VENV)/bin/sparsefit run
+	$(VENV)/bin/sparsefit run --overwrite
 
 test: venv
 	$(VENV)/bin/ruff check src tests bench

@@ -26,7 +26,7 @@ from common import peak_rss_mb, run_isolated, write_results
 
 def write_random_model(folder: Path, layers: int, hidden: int, intermediate: int, heads: int, vocab: int) -> int:
     """A random-weight Llama as shards of 4 blocks, written one tensor at a time; returns its bytes."""
-    from sparsefit.models.random import write_random_llama
+    from sparsefit.random_checkpoint import write_random_llama
 
     return write_random_llama(folder, layers=layers, hidden=hidden, intermediate=intermediate, heads=heads,
                               vocab=vocab)  # fmt: skip

@@ -17,8 +17,8 @@ from conftest import make_byte_tokenizer, make_tiny_model
 from sparsefit.app.jobs import run_prune, run_recover
 from sparsefit.cli import main
 from sparsefit.errors import UsageError
-from sparsefit.models.random import write_random_llama
 from sparsefit.prune import PruneConfig
+from sparsefit.random_checkpoint import write_random_llama
 from sparsefit.walk.activations import Activations
 
 EBFT = {"preset": "quick", "epochs": 1, "lr": 1e-3}

@@ -11,7 +11,7 @@ import typer
 
 from sparsefit.app import defaults
 from sparsefit.cli_progress import bar
-from sparsefit.errors import UsageError
+from sparsefit.errors import FileError, UsageError
 from sparsefit.walk.device import peak_gpu_mib
 
 app = typer.Typer(
@@ -55,6 +55,9 @@ ACT_DTYPE = typer.Option("auto", "--act-dtype", help="activations' dtype: auto (
                                                      "float32, bfloat16 or float16")  # fmt: skip
 MAX_MEMORY = typer.Option(None, "--max-memory", help="memory budget, e.g. 24GB: activations beyond what one "
                           "block needs spill to a memory-mapped file in the partial folder")  # fmt: skip
+GUARD = typer.Option(defaults.GUARD, "--guard", help="after recovery, the whole model's loss on held-out calibration "
+                     "windows against the pruned model's: fallback (write the better of the two), warn (say it, "
+                     "keep the recovered one) or off")  # fmt: skip
 # OWL (outlier-weighted layerwise sparsity), for every pruning method; shared by `prune` and `compare`.
 OWL_LAMBDA = typer.Option(None, "--owl-lambda", help="OWL: spread block sparsities over 2λ by outlier ratio, mean "
                                                      "kept (typical 0.08; 0 or unset: uniform)")  # fmt: skip
@@ -66,8 +69,11 @@ KEEP_HEADS = typer.Option(None, "--keep-heads", help="structured: query heads to
 
 
 def parse_options(pairs: list[str] | None, where: str = "--option") -> dict:
-    """``["lr=1e-3", "targets=q_proj,v_proj"]`` -> ``{"lr": 0.001, "targets": "q_proj,v_proj"}`` (YAML scalars)."""
+    """``["lr=1e-3", "epochs=2", "targets=q_proj,v_proj"]`` -> ``{"lr": "1e-3", "epochs": 2, "targets":
+    "q_proj,v_proj"}`` (YAML scalars, as a recipe reads them); each method converts them to its options' types."""
     import yaml
+
+    from sparsefit.app.recipe import load_yaml
 
     options = {}
     for pair in pairs or []:
@@ -75,11 +81,20 @@ def parse_options(pairs: list[str] | None, where: str = "--option") -> dict:
         if not sep or not key.strip():
             raise UsageError(f"{where} {pair!r} is not KEY=VALUE; e.g. {where} lr=1e-3")
         try:
-            parsed = yaml.safe_load(value)
+            parsed = load_yaml(value)
         except yaml.YAMLError:
             parsed = value
         options[key.strip().replace("-", "_")] = value if parsed is None and value else parsed
     return options
+
+
+def finite_options(**options) -> dict:
+    """``options``, each float checked by the one converter of option values: typer's float options take nan and
+    inf, which pass every range check unnoticed."""
+    from sparsefit.recover.training import convert_value
+
+    return {name: convert_value(value, float, f"--{name.replace('_', '-')}") if isinstance(value, float) else value
+            for name, value in options.items()}  # fmt: skip
 
 
 def method_options(preset, lr, epochs, batch, weight_decay, freeze_norms, target, heldout, early_stop, extra) -> dict:
@@ -131,6 +146,7 @@ def prune(
     resume: bool = RESUME,
     act_dtype: str = ACT_DTYPE,
     max_memory: str = MAX_MEMORY,
+    guard: str = GUARD,
 ) -> None:
     """Prune a model and write a run folder (safetensors with exact zeros, sparsity.json, run.json).
 
@@ -139,11 +155,11 @@ def prune(
     from sparsefit.app.jobs import run_prune
     from sparsefit.prune import PruneConfig
 
-    config = PruneConfig(
+    config = PruneConfig(**finite_options(
         method=method, sparsity=sparsity, pattern=pattern, calib=calib, nsamples=nsamples, seqlen=seqlen,
         seed=seed, batch_size=batch_size, device=device, sparsegpt_update=sparsegpt_update, owl_lambda=owl_lambda,
         owl_m=owl_m, gqa=gqa, keep_heads=keep_heads,
-    )  # fmt: skip
+    ))  # fmt: skip
     options = method_options(preset, lr, epochs, train_batch, weight_decay, freeze_norms, target, heldout,
                              early_stop, option)  # fmt: skip
     if not recover and len(options) > 1:
@@ -152,7 +168,9 @@ def prune(
         model, config, out, dtype=dtype, overwrite=overwrite, eval_ppl=eval_ppl, eval_seqlen=eval_seqlen,
         eval_max_tokens=eval_max_tokens, trust_remote_code=trust_remote_code, recover=recover or None,
         recover_options=options, resume=resume, progress=bar, act_dtype=act_dtype, max_memory=max_memory,
+        guard=guard,
     )  # fmt: skip
+    _say_guard(run)
     typer.echo(f"wrote {out} (sparsity {run['results']['sparsity']:.4f}, {run['timings']['prune_s']:.1f} s)")
 
 
@@ -160,11 +178,13 @@ def prune(
 def run(
     recipe: Path = typer.Argument(None, help="recipe YAML; default: Wanda 50% + EBFT (cpu preset) on smollm2-135m"),
     runs_dir: Path = typer.Option(Path("runs"), help="where runs/<name>/ is written"),
+    overwrite: bool = typer.Option(False, help="replace an earlier run of the same name"),
 ) -> None:
     """The main job: prune, recover, evaluate dense / pruned / recovered, write runs/<name>/report.md."""
     from sparsefit.app.recipe import Recipe, run_recipe
 
-    summary = run_recipe(Recipe.load(recipe), runs_root=runs_dir, progress=bar)
+    summary = run_recipe(Recipe.load(recipe), runs_root=runs_dir, overwrite=overwrite, progress=bar)
+    _say_guard(summary)
     out = runs_dir / summary["recipe"]["name"]
     typer.echo((out / "report.md").read_text())
     typer.echo(f"wrote {out}/report.md in {summary['timings']['total_s']:.0f} s")
@@ -200,6 +220,7 @@ def recover_(
     resume: bool = RESUME,
     act_dtype: str = ACT_DTYPE,
     max_memory: str = MAX_MEMORY,
+    guard: str = GUARD,
 ) -> None:
     """Recover a sparse run folder against its dense teacher with any method, masks fixed (the two-step mode)."""
     from sparsefit.app.jobs import run_recover
@@ -212,9 +233,20 @@ def recover_(
         run_dir, out, method, options, teacher=teacher, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
         batch_size=batch_size, device=device, budget=budget, overwrite=overwrite, resume=resume, eval_ppl=eval_ppl,
         eval_seqlen=eval_seqlen, eval_max_tokens=eval_max_tokens, progress=bar, act_dtype=act_dtype,
-        max_memory=max_memory,
+        max_memory=max_memory, guard=guard,
     )  # fmt: skip
+    _say_guard(run)
     typer.echo(f"wrote {out} ({method}: {_recovery_line(run['report'])})")
+
+
+def _say_guard(run: dict) -> None:
+    """The model guard's verdict on stderr when recovery made the model worse (or when it could not measure)."""
+    from sparsefit.app.guard import GuardResult
+
+    if "guard" in run:
+        verdict = GuardResult(**run["guard"])
+        if verdict.worse or (verdict.skipped and verdict.mode != "off"):
+            typer.echo(f"warning: {verdict.line()}", err=True)
 
 
 def _recovery_line(report: dict) -> str:
@@ -258,6 +290,7 @@ def compare(
     """Prune once, then every recovery method on the same masks and calibration windows, side by side."""
     from sparsefit.app.compare import run_compare
 
+    finite_options(sparsity=sparsity, owl_lambda=owl_lambda, owl_m=owl_m)
     per_method: dict[str, dict] = {}
     for key, value in parse_options(option).items():
         name, dot, field = key.partition(".")
@@ -278,7 +311,8 @@ def compare(
 @app.command("eval")
 def eval_(
     model: str = typer.Argument(..., help="run folder, local folder, built-in name, .gguf file or hub id"),
-    ppl: str = typer.Option("wiki,books", help="corpora for perplexity (comma-separated; empty for none)"),
+    ppl: str = typer.Option(None, help="corpora for perplexity (comma-separated; empty for none); default: "
+                                       f"{','.join(defaults.EVAL_CORPORA)}, or none when --tasks are given"),
     seqlen: int = typer.Option(1024, help="tokens per perplexity window"),
     max_tokens: int = typer.Option(None, help="evaluate only the first N test tokens"),
     tasks: str = typer.Option("", help="zero-shot tasks, e.g. arc_easy,piqa"),
@@ -288,13 +322,22 @@ def eval_(
     record: bool = typer.Option(False, "--record", help="also store the results in the run folder's run.json"),
 ) -> None:
     """Perplexity (WikiText-2 protocol, seqlen printed with every number) and zero-shot accuracy."""
-    from sparsefit.app.jobs import evaluate_model, evaluate_streamed, parse_list
+    from sparsefit.app.jobs import check_evaluation, evaluate_model, evaluate_streamed, parse_list
+    from sparsefit.data import get_corpus
+    from sparsefit.evaluate.zeroshot import parse_tasks
     from sparsefit.models import load
     from sparsefit.models.loading import streamable
     from sparsefit.walk import resolve_device
 
     if limit is not None and limit <= 0:
         raise UsageError(f"--limit {limit} must be a positive number of documents")
+    if ppl is None:  # asked for tasks only: score them, not also the whole test splits of the default corpora
+        ppl = "" if parse_list(tasks) else ",".join(defaults.EVAL_CORPORA)
+    check_evaluation(seqlen, max_tokens)  # every setting before the model loads
+    for name in parse_list(ppl):
+        get_corpus(name)
+    if parse_list(tasks):
+        parse_tasks(tasks)
     if record:
         from sparsefit.export.run_folder import check_run_folder
 
@@ -376,13 +419,11 @@ def _cell(value) -> str:
 @app.command()
 def info(run_dir: Path = typer.Argument(..., help="a run folder or checkpoint folder")) -> None:
     """Sparsity per layer and the N:M pattern check."""
+    from sparsefit.export.run_folder import read_pattern
     from sparsefit.models import load
     from sparsefit.prune import sparsity_summary
 
-    pattern = "unstructured"
-    sparsity_file = run_dir / "sparsity.json"
-    if sparsity_file.exists():
-        pattern = json.loads(sparsity_file.read_text()).get("pattern", pattern)
+    pattern = read_pattern(run_dir)
     loaded = load(str(run_dir))
     report = sparsity_summary(loaded.model, pattern)
     rows = [
@@ -417,6 +458,22 @@ def _join_processes() -> str:
     return f"rank {distributed.rank()}: "
 
 
+def _parser_errors(name: str) -> tuple[type, ...]:
+    """The exception classes called ``name`` that the command-line parser may raise: click's, and the copies that
+    recent typer releases (0.29 among them) bundle as ``typer._click`` and raise instead; whichever are installed."""
+    import importlib
+
+    found = []
+    for module in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type):
+            found.append(cls)
+    return tuple(found)
+
+
 def main() -> None:
     """Entry point: bad input is one line on stderr and exit code 2, never a traceback.
 
@@ -445,6 +502,8 @@ def main() -> None:
         code = app(standalone_mode=False)  # returns 130 on Ctrl-C instead of raising
     except UsageError as exc:
         error(f"{who}{exc}", 2)
+    except FileError as exc:  # a damaged file or a failed write, found while working
+        error(f"{who}{exc}", 1)
     except distributed.DistributedError as exc:
         error(str(exc), 1)
     except KeyboardInterrupt:
@@ -452,12 +511,14 @@ def main() -> None:
         leave(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except Exception as exc:  # click's own usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            error(f"{who}{exc.format_message()}", 2)
-        if isinstance(exc, click.exceptions.Abort):
+    except Exception as exc:  # the parser's own usage errors
+        if isinstance(exc, _parser_errors("NoArgsIsHelpError")):  # `sparsefit` alone: the help, then exit 2
+            if exc.format_message().strip():  # typer's rich help has already printed itself
+                print(exc.format_message(), file=_error_stream())
+            leave(2)
+        if isinstance(exc, _parser_errors("ClickException")):
+            error(f"{who}{' '.join(exc.format_message().split())}", 2)
+        if isinstance(exc, _parser_errors("Abort")):
             sys.exit(130)
         if _ERRORS:
             sys.stderr = _ERRORS[0]  # a bug's traceback is shown on every rank

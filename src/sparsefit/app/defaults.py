@@ -32,3 +32,9 @@ COMPARE_EPOCHS = 4  # compare's default budget: this many passes over the calibr
 def calibration(config: PruneConfig) -> dict:
     """The calibration part of a prune config, as recorded in run.json."""
     return {"calib": config.calib, "nsamples": config.nsamples, "seqlen": config.seqlen, "seed": config.seed}
+
+# The model-level guard (app/guard.py): the held-out windows drawn after the calibration windows, and what happens
+# when recovery made the model worse on them: fall back to the pruned model (also "warn", or "off").
+GUARD = "fallback"
+GUARD_TOKENS = 4096  # about 12 s of SmolLM2 forward on 2 cores, per model measured
+GUARD_MIN_WINDOWS = 2

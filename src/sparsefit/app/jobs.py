@@ -19,6 +19,7 @@ from torch import nn
 import sparsefit
 from sparsefit import distributed
 from sparsefit.app import defaults
+from sparsefit.app import guard as model_guard
 from sparsefit.app.streamed import act_dtype as act_dtype_of
 from sparsefit.app.streamed import check_resources, open_streamed, parse_size, save_streamed_run
 from sparsefit.atomic import check_output, write_atomically, write_file_atomically
@@ -37,6 +38,7 @@ from sparsefit.recover.base import report_json
 from sparsefit.walk import BlockCheckpoint, TeacherStep, resolve_device
 from sparsefit.walk.activations import Activations
 from sparsefit.walk.blocks import InMemoryBlocks
+from sparsefit.walk.checkpoint import resumable
 from sparsefit.walk.device import peak_gpu_mib
 
 
@@ -175,7 +177,8 @@ def save_run(
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
 
-    distributed.on_main(lambda: write_atomically(out, writer, overwrite=overwrite), "writing the run folder")
+    with resumable(out):  # a full disk keeps the finished blocks for --resume
+        distributed.on_main(lambda: write_atomically(out, writer, overwrite=overwrite), "writing the run folder")
     return Path(out)
 
 
@@ -189,9 +192,14 @@ def timed(timings: dict[str, float], name: str) -> Iterator[None]:
         timings[name] = round(time.perf_counter() - began, 3)
 
 
-def recovery_files(method: RecoveryMethod, report: dict) -> dict[str, bytes]:
-    """What a recovered run folder holds besides the checkpoint: ``recovery.json`` and the method's own files."""
-    return {"recovery.json": report_json(method.name, report), **method.artifacts(report)}
+def recovery_files(method: RecoveryMethod, report: dict,
+                   guard: model_guard.GuardResult | None = None) -> dict[str, bytes]:  # fmt: skip
+    """What a recovered run folder holds besides the checkpoint: ``recovery.json`` and the method's own files; the
+    model guard's verdict heads ``report.md`` (which it starts when the method writes none)."""
+    files = {"recovery.json": report_json(method.name, report), **method.artifacts(report)}
+    if guard is not None:
+        files["report.md"] = (guard.markdown() + "\n" + files.get("report.md", b"").decode()).encode()
+    return files
 
 
 def choose_method(
@@ -208,22 +216,35 @@ def choose_method(
     return method, config
 
 
-def check_outputs(eval_ppl: str | list[str], out: Path, overwrite: bool) -> list[str]:
-    """The evaluation corpora (each name checked) and the output folder, before any work."""
+def check_outputs(eval_ppl: str | list[str], out: Path, overwrite: bool,
+                  inputs: list[tuple[str, object]] = ()) -> list[str]:  # fmt: skip
+    """The evaluation corpora (each name checked) and the output folder, before any work: never one of the
+    job's ``(role, value)`` ``inputs`` or the evaluation texts, nor a folder holding one."""
     corpora = parse_list(eval_ppl)
     for name in corpora:
         get_corpus(name)
-    check_output(out, overwrite)
+    check_output(out, overwrite, [*inputs, *(("evaluation text", name) for name in corpora)])
     return corpora
+
+
+def check_evaluation(seqlen: int, max_tokens: int | None, flag: str = "--") -> None:
+    """The perplexity window and token cap (options ``{flag}seqlen``, ``{flag}max-tokens``), before any work:
+    evaluation comes last, and a bad value found there would throw the whole run away."""
+    check(seqlen > 0, f"{flag}seqlen {seqlen} must be a positive number of tokens")
+    check(max_tokens is None or max_tokens > 0, f"{flag}max-tokens {max_tokens} must be a positive number of tokens")
+    check(max_tokens is None or max_tokens >= seqlen,
+          f"{flag}max-tokens {max_tokens} is shorter than {flag}seqlen {seqlen}; give at least {seqlen}")  # fmt: skip
 
 
 def prune_interleaved(
     model: nn.Module, calib: torch.Tensor, config: PruneConfig, method: RecoveryMethod | None = None,
     method_config=None, *, checkpoint: BlockCheckpoint | None = None, resume: bool = False, progress: Bar = silent,
     source: InMemoryBlocks | None = None, activations: Activations | None = None,
+    pruned: model_guard.PrunedBlocks | None = None,
 ) -> dict:  # fmt: skip
     """Prune ``model`` and, with a block-wise ``method``, recover each block right after pruning it: the order of
-    EBFT's and DSnoT's reference code (statistics, targets and masks from the recovered model's own inputs)."""
+    EBFT's and DSnoT's reference code (statistics, targets and masks from the recovered model's own inputs).
+    ``pruned`` keeps each block as pruned, before its recovery (the model guard's reference)."""
     steps_before, recover_steps, keep_dense = [], [], False
     if method is not None:
         target = method.target(method_config)
@@ -234,6 +255,8 @@ def prune_interleaved(
         if before is not None or keep_block:
             steps_before = [TeacherStep(None, target=before, keep_block=keep_block)]
         recover_steps = method.block_steps(method_config, parse_pattern(config.pattern))
+        if pruned is not None:
+            recover_steps = [pruned, *recover_steps]
         keep_dense = target == "sparse-path"
     return prune_model(model, calib, config, steps_before=steps_before, recover_steps=recover_steps,
                        keep_dense_outputs=keep_dense, checkpoint=checkpoint, resume=resume,
@@ -270,6 +293,7 @@ def _run_prune_streamed(
     folder: Path, model_name: str, config: PruneConfig, out: Path, method, method_config, *, dtype: str,
     overwrite: bool, corpora: list[str], eval_seqlen: int, eval_max_tokens: int | None, trust_remote_code: bool,
     recover: str | None, resume: bool, progress: Bar, act_dtype: torch.dtype, max_memory: int | None,
+    guard: str = defaults.GUARD,
 ) -> dict:  # fmt: skip
     """:func:`run_prune` on a local safetensors folder, one block in memory at a time."""
     device = resolve_device(config.device)
@@ -292,10 +316,27 @@ def _run_prune_streamed(
         out, _fingerprint(model=model_name, prune=config.to_dict(), dtype=dtype, recover=recovery_config,
                           act_dtype=str(act_dtype))  # fmt: skip
     )
-    with timed(timings, "prune_s"):
+    guarded = method is not None and guard != "off"
+    if guarded:
+        with timed(timings, "guard_before_s"):
+            windows = model_guard.guard_windows(opened.tokenizer, get_corpus(config.calib), config.nsamples,
+                                                config.seqlen, config.seed, calib)  # fmt: skip
+            dense_loss = model_guard.streamed_lm_loss(source, windows, device)
+    pruned = model_guard.PrunedBlocks(checkpoint.folder) if guarded else None
+    with timed(timings, "prune_s"), resumable(out):
         walked = prune_interleaved(model, calib, config, method, method_config, checkpoint=checkpoint, resume=resume,
-                                   progress=progress, source=source, activations=activations)  # fmt: skip
+                                   progress=progress, source=source, activations=activations,
+                                   pruned=pruned)  # fmt: skip
     reports = walked["blocks"]
+    verdict = None
+    if method is not None:
+        if not guarded:
+            verdict = model_guard.skipped(guard, None, "off")
+        elif not pruned.complete(len(source)):
+            verdict = model_guard.skipped(guard, windows, "the blocks before the resumed one were not kept as pruned")
+        else:
+            with timed(timings, "guard_after_s"), resumable(out):
+                verdict = model_guard.check_streamed_recovery(source, pruned, windows, guard, device, dense_loss)
     sparsity = sparsity_summary(model, config.pattern, blocks=source.finished())
     report = method.summarize(method_config, reports, (b for _, b in source.finished())) if method else None
 
@@ -316,7 +357,8 @@ def _run_prune_streamed(
         extra = {}
         if method is not None:
             run["recovery"] = recovery_config
-            extra = recovery_files(method, report)
+            run["guard"] = verdict.to_dict()
+            extra = recovery_files(method, report, verdict)
         return run, sparsity, extra
 
     save_streamed_run(out, opened, make_run, overwrite=overwrite, corpora=[get_corpus(c) for c in corpora],
@@ -345,6 +387,7 @@ def run_prune(
     act_dtype: str = "auto",
     max_memory: str | int | None = None,
     stream: bool | None = None,
+    guard: str = defaults.GUARD,
 ) -> dict:
     """Load ``model_name``, prune it with ``config`` and, with ``recover`` (a block-wise method), recover each block
     right after pruning it (EBFT's official order, and DSnoT's); evaluate; save a run folder. The walk is
@@ -354,7 +397,12 @@ def run_prune(
     GGUF files and hub models are): one block in memory at a time, the output written shard by shard.
     ``act_dtype`` is the activations' dtype (auto: float32 on a CPU, bfloat16 on a GPU); beyond ``max_memory``
     (e.g. "24GB") they spill to memory-mapped files in the run's partial folder.
+
+    ``guard`` (fallback, warn, off): after recovery, the model guard (:mod:`sparsefit.app.guard`) compares the
+    recovered model with the pruned one on held-out windows of the calibration corpus; ``run["guard"]`` says what
+    it found, and with ``fallback`` the pruned model is written when recovery made it worse.
     """
+    model_guard.check_mode(guard)
     config.validate()
     check(not (resume and config.slim), "--resume does not continue a structured prune; run it again")
     device = resolve_device(config.device)
@@ -366,15 +414,19 @@ def run_prune(
                                               pattern=config.pattern, seed=config.seed)  # fmt: skip
         check(method.blockwise, f"--recover {recover} trains the whole model, not block by block; prune first, "
                                 f"then use sparsefit recover --method {recover} (or a recipe)")  # fmt: skip
-    corpora = check_outputs(eval_ppl, out, overwrite)
+    corpora = check_outputs(eval_ppl, out, overwrite, [("model", model_name), ("calibration text", config.calib)])
+    check_evaluation(eval_seqlen, eval_max_tokens, "--eval-")
+    get_corpus(config.calib)  # a calibration file that cannot be read is refused before the model loads
     # A structured prune slices the blocks: its output is not shaped like the source's shards, so it loads whole.
     folder = streamable(model_name) if stream is not False and not config.slim else None
+    check(budget is None or folder is not None, f"--max-memory applies only to the streamed path (a local "
+          f"safetensors folder, not a structured prune); {model_name!r} is loaded whole")  # fmt: skip
     if folder is not None:
         return _run_prune_streamed(folder, model_name, config, out, method, method_config, dtype=dtype,
                                    overwrite=overwrite, corpora=corpora, eval_seqlen=eval_seqlen,
                                    eval_max_tokens=eval_max_tokens, trust_remote_code=trust_remote_code,
                                    recover=recover, resume=resume, progress=progress, act_dtype=activations_dtype,
-                                   max_memory=budget)  # fmt: skip
+                                   max_memory=budget, guard=guard)  # fmt: skip
     timings: dict[str, float] = {}
     with timed(timings, "load_s"):
         loaded = load(model_name, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code)
@@ -393,10 +445,31 @@ def run_prune(
                           act_dtype=str(activations_dtype))  # fmt: skip
     )
     activations = Activations(activations_dtype, budget)
-    with timed(timings, "prune_s"):
+    guarded = method is not None and guard != "off"
+    if guarded:
+        with timed(timings, "guard_before_s"):
+            windows = model_guard.guard_windows(loaded.tokenizer, get_corpus(config.calib), config.nsamples,
+                                                config.seqlen, config.seed, calib)  # fmt: skip
+            dense_loss = model_guard.lm_loss(loaded.model, windows, device, config.batch_size)
+    pruned = model_guard.PrunedBlocks() if guarded else None
+    with timed(timings, "prune_s"), resumable(out):
         walked = prune_interleaved(loaded.model, calib, config, method, method_config, checkpoint=checkpoint,
-                                   resume=resume, progress=progress, activations=activations)  # fmt: skip
+                                   resume=resume, progress=progress, activations=activations,
+                                   pruned=pruned)  # fmt: skip
     reports = walked["blocks"]
+    verdict = None
+    if method is not None:
+        blocks = method.blocks_of(loaded.model)
+        if not guarded:
+            verdict = model_guard.skipped(guard, None, "off")
+        elif not pruned.complete(len(blocks)):
+            verdict = model_guard.skipped(guard, windows, f"the walk resumed at block {walked['start']}: the blocks "
+                                                          "before it were not kept as pruned")  # fmt: skip
+        else:
+            with timed(timings, "guard_after_s"):
+                verdict = model_guard.check_recovery(loaded.model, blocks, pruned.states(len(blocks)), windows,
+                                                     guard, device, dense_loss, config.batch_size)  # fmt: skip
+        del pruned
     sparsity, results = _evaluate_and_sparsity(loaded.model, loaded.tokenizer, config.pattern, corpora, eval_seqlen,
                                                eval_max_tokens, device, timings, progress)  # fmt: skip
     run = {
@@ -418,7 +491,8 @@ def run_prune(
     if method is not None:
         report = method.summarize(method_config, reports, method.blocks_of(loaded.model))
         run["recovery"] = recovery_config
-        extra = recovery_files(method, report)
+        run["guard"] = verdict.to_dict()
+        extra = recovery_files(method, report, verdict)
     save_run(out, loaded.model, loaded.tokenizer, run, sparsity, overwrite=overwrite, extra_files=extra)
     checkpoint.clear()
     return run
@@ -447,6 +521,7 @@ def run_recover(
     act_dtype: str = "auto",
     max_memory: str | int | None = None,
     stream: bool | None = None,
+    guard: str = defaults.GUARD,
 ) -> dict:
     """Recover an existing sparse run folder with any method against a dense teacher (the two-step mode).
 
@@ -455,7 +530,11 @@ def run_recover(
     Block-wise methods stream a run folder of safetensors shards (``stream``, ``act_dtype`` and ``max_memory`` as
     in :func:`run_prune`); the teacher streams too when it is a local safetensors folder (a built-in's cached
     copy included), else it is loaded whole.
+
+    ``guard``: the model guard, as in :func:`run_prune` (the reference is the run folder's model, before recovery),
+    for every method.
     """
+    model_guard.check_mode(guard)
     source_run, source_sparsity = read_run(run_dir)
     source_config = source_run.get("config", {})
     teacher = teacher or source_run.get("source_model")
@@ -473,7 +552,10 @@ def run_recover(
     pattern = source_sparsity.get("pattern", "unstructured")
     method, config = choose_method(method_name, options or {}, nsamples, device_, pattern=pattern, seed=seed,
                                    resume=resume)  # fmt: skip
-    corpora = check_outputs(eval_ppl, out, overwrite)
+    corpora = check_outputs(eval_ppl, out, overwrite, [("run folder", run_dir), ("teacher", teacher),
+                                                       ("calibration text", calib)])  # fmt: skip
+    check_evaluation(eval_seqlen, eval_max_tokens, "--eval-")
+    get_corpus(calib)  # a calibration file that cannot be read is refused before the models load
     activations_dtype = act_dtype_of(act_dtype, device_)
     max_bytes = parse_size(max_memory)
     settings = dict(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size)
@@ -482,6 +564,8 @@ def run_recover(
                                act_dtype=str(activations_dtype), **settings)  # fmt: skip
     streams = stream is not False and method.blockwise and not parse_pattern(pattern).slim  # sliced: in memory
     folder = streamable(str(run_dir)) if streams else None
+    check(max_bytes is None or folder is not None, f"--max-memory applies only to the streamed path (a block-wise "
+          f"method on a run folder of safetensors); {method_name} on {str(run_dir)!r} loads it whole")  # fmt: skip
     if folder is not None:
         def make_run(results: dict, sparsity: dict, report: dict, timings: dict, activations: Activations) -> dict:
             return {
@@ -498,6 +582,7 @@ def run_recover(
             seed=seed, batch_size=batch_size, device=device_, budget=budget, overwrite=overwrite, resume=resume,
             corpora=corpora, eval_seqlen=eval_seqlen, eval_max_tokens=eval_max_tokens, progress=progress,
             act_dtype=activations_dtype, max_memory=max_bytes, fingerprint=fingerprint, make_run=make_run,
+            guard=guard,
         )  # fmt: skip
     timings: dict[str, float] = {}
     with timed(timings, "load_s"):
@@ -512,13 +597,25 @@ def run_recover(
         calib_ids = calibration_windows(sparse.tokenizer, get_corpus(calib), nsamples, seqlen, seed)
     checkpoint = BlockCheckpoint.for_output(out, fingerprint) if method.blockwise else None
     activations = Activations(activations_dtype, max_bytes)
+    if guard != "off":
+        with timed(timings, "guard_before_s"):
+            windows = model_guard.guard_windows(sparse.tokenizer, get_corpus(calib), nsamples, seqlen, seed, calib_ids)
+            dense_loss = model_guard.lm_loss(dense.model, windows, device_, batch_size)
+            before = model_guard.snapshot([sparse.model])
     ctx = RecoveryContext(
         model=sparse.model, teacher=dense.model, tokenizer=sparse.tokenizer, calib_ids=calib_ids,
         pattern=parse_pattern(pattern), device=device_, seed=seed, budget_tokens=budget, batch_size=batch_size,
         progress=progress, checkpoint=checkpoint, resume=resume, activations=activations,
     )  # fmt: skip
-    with timed(timings, "recover_s"):
+    with timed(timings, "recover_s"), resumable(out):
         report = method.run(ctx, config)
+    if guard == "off":
+        verdict = model_guard.skipped(guard, None, "off")
+    else:
+        with timed(timings, "guard_after_s"):
+            verdict = model_guard.check_recovery(sparse.model, [sparse.model], before, windows, guard, device_,
+                                                 dense_loss, batch_size)  # fmt: skip
+        del before
     sparsity, results = _evaluate_and_sparsity(sparse.model, sparse.tokenizer, pattern, corpora, eval_seqlen,
                                                eval_max_tokens, device_, timings, progress)  # fmt: skip
     run = {
@@ -530,12 +627,13 @@ def run_recover(
         "versions": versions(),
         "timings": timings,
         "results": results,
+        "guard": verdict.to_dict(),
     }
     if method.blockwise:
         run["progress"] = {"blocks_done": len(report.get("blocks", []))}
         run["memory"] = _memory_record(False, activations)
     save_run(out, sparse.model, sparse.tokenizer, run, sparsity, overwrite=overwrite,
-             extra_files=recovery_files(method, report))  # fmt: skip
+             extra_files=recovery_files(method, report, verdict))  # fmt: skip
     if checkpoint is not None:
         checkpoint.clear()
     return {**run, "report": report}
@@ -546,6 +644,7 @@ def _run_recover_streamed(
     nsamples: int, seqlen: int, seed: int, batch_size: int, device: torch.device, budget: int | None,
     overwrite: bool, resume: bool, corpora: list[str], eval_seqlen: int, eval_max_tokens: int | None,
     progress: Bar, act_dtype: torch.dtype, max_memory: int | None, fingerprint: dict, make_run,
+    guard: str = defaults.GUARD,
 ) -> dict:  # fmt: skip
     """:func:`run_recover` of a block-wise method on a run folder of safetensors shards, one block at a time."""
     timings: dict[str, float] = {}
@@ -569,12 +668,21 @@ def _run_recover_streamed(
         device=device, seed=seed, budget_tokens=budget, batch_size=batch_size, progress=progress,
         checkpoint=checkpoint, resume=resume, source=sparse.source, activations=activations,
     )  # fmt: skip
-    with timed(timings, "recover_s"):
+    if guard != "off":
+        with timed(timings, "guard_before_s"):
+            windows = model_guard.guard_windows(sparse.tokenizer, get_corpus(calib), nsamples, seqlen, seed, calib_ids)
+    with timed(timings, "recover_s"), resumable(out):
         report = method.run(ctx, config)
+    if guard == "off":
+        verdict = model_guard.skipped(guard, None, "off")
+    else:  # the pruned model is the run folder the walk reads
+        with timed(timings, "guard_after_s"), resumable(out):
+            verdict = model_guard.check_streamed_recovery(sparse.source, None, windows, guard, device)
     sparsity = sparsity_summary(model, pattern, blocks=sparse.source.finished())
 
     def files(results: dict) -> tuple[dict, dict, dict[str, bytes]]:
-        return make_run(results, sparsity, report, timings, activations), sparsity, recovery_files(method, report)
+        run = {**make_run(results, sparsity, report, timings, activations), "guard": verdict.to_dict()}
+        return run, sparsity, recovery_files(method, report, verdict)
 
     save_streamed_run(out, sparse, files, overwrite=overwrite, corpora=[get_corpus(c) for c in corpora],
                       eval_seqlen=eval_seqlen, eval_max_tokens=eval_max_tokens, device=device,

@@ -12,6 +12,7 @@ A recipe is YAML with the sections below; every key is optional and unknown keys
     polish:  {method: squarehead, preset: cpu}  # optional: a short whole-model pass after `recover` (masks fixed),
                                                 # e.g. SquareHead's distillation after EBFT; default null
     eval:    {ppl: [wiki, books], seqlen: 1024, max_tokens: 4096, tasks: [], limit: null}
+    guard: fallback   # the model guard after recovery (app/guard.py): fallback, warn or off
 
 Every value, the recover options included, is checked before the model is loaded.
 """
@@ -24,17 +25,22 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import yaml
+
 from sparsefit import distributed
 from sparsefit.app import defaults
+from sparsefit.app import guard as model_guard
 from sparsefit.app.jobs import choose_method, evaluate_model, recovery_files, save_run, versions
 from sparsefit.app.reports import gap_closed_both, recipe_report
-from sparsefit.atomic import write_file_atomically
+from sparsefit.atomic import check_output, check_run_name, write_file_atomically
 from sparsefit.data import calibration_windows, get_corpus
 from sparsefit.errors import UsageError, check
+from sparsefit.evaluate.zeroshot import parse_tasks
 from sparsefit.models import load
 from sparsefit.progress import Bar, silent
 from sparsefit.prune import PruneConfig, parse_pattern, prune_model, sparsity_summary
 from sparsefit.recover import RecoveryContext
+from sparsefit.recover.training import convert_value, convert_values, field_types
 from sparsefit.walk import resolve_device
 
 DEFAULT_PRUNE = {"method": defaults.QUICK.method, "sparsity": defaults.QUICK.sparsity,
@@ -44,6 +50,30 @@ DEFAULT_PRUNE = {"method": defaults.QUICK.method, "sparsity": defaults.QUICK.spa
 DEFAULT_RECOVER = {"method": defaults.RECOVER_METHOD, "preset": "quick"}
 DEFAULT_EVAL = {"ppl": list(defaults.EVAL_CORPORA), "seqlen": defaults.EVAL_SEQLEN,
                 "max_tokens": defaults.RUN_EVAL_MAX_TOKENS, "tasks": [], "limit": None}  # fmt: skip
+# What each value of a section must be, checked (and converted, "4" -> 4) as the recipe loads.
+PRUNE_TYPES = {key: kind for key, kind in field_types(PruneConfig).items() if key in DEFAULT_PRUNE}
+EVAL_TYPES = {"ppl": list[str], "seqlen": int, "max_tokens": int | None, "tasks": list[str], "limit": int | None}
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML without YAML 1.1's base-60 numbers: ``2:4`` stays the N:M pattern "2:4" (safe_load reads 124)."""
+
+
+def _number_or_text(constructor):
+    def construct(loader: yaml.SafeLoader, node: yaml.ScalarNode):
+        text = loader.construct_scalar(node)
+        return text if ":" in text else constructor(loader, node)
+
+    return construct
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _number_or_text(yaml.SafeLoader.construct_yaml_int))
+_Loader.add_constructor("tag:yaml.org,2002:float", _number_or_text(yaml.SafeLoader.construct_yaml_float))
+
+
+def load_yaml(text: str):
+    """``text`` parsed as YAML the way recipes and ``-o KEY=VALUE`` read it (no base-60 numbers)."""
+    return yaml.load(text, Loader=_Loader)
 
 
 @dataclass
@@ -55,17 +85,16 @@ class Recipe:
     recover: dict | None = field(default_factory=lambda: dict(DEFAULT_RECOVER))
     polish: dict | None = None
     eval: dict = field(default_factory=lambda: dict(DEFAULT_EVAL))
+    guard: str = defaults.GUARD
 
     @classmethod
     def load(cls, path: Path | None) -> Recipe:
         if path is None:
             return cls()
-        import yaml
-
         if not Path(path).is_file():
             raise UsageError(f"recipe {str(path)!r} does not exist")
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = load_yaml(Path(path).read_text()) or {}
         except yaml.YAMLError as exc:
             raise UsageError(f"recipe {str(path)!r} is not valid YAML ({str(exc).splitlines()[0]})") from None
         check(isinstance(data, dict), f"recipe {str(path)!r} must be a mapping of sections")
@@ -73,26 +102,34 @@ class Recipe:
         unknown = sorted(set(data) - known)
         check(not unknown, f"recipe key(s) {', '.join(unknown)} not known; use {', '.join(sorted(known))}")
         recipe = cls()
+        scalars = field_types(cls)
         for key, value in data.items():
             if key in ("prune", "eval"):
                 check(isinstance(value, dict), f"recipe section {key!r} must be a mapping")
                 section_defaults = DEFAULT_PRUNE if key == "prune" else DEFAULT_EVAL
                 bad = sorted(set(value) - set(section_defaults))
                 check(not bad, f"recipe {key} key(s) {', '.join(bad)} not known; use {', '.join(section_defaults)}")
-                setattr(recipe, key, {**section_defaults, **value})
+                types = PRUNE_TYPES if key == "prune" else EVAL_TYPES
+                setattr(recipe, key, {**section_defaults, **convert_values(value, types, f"recipe {key}")})
             elif key == "recover":
                 check(value is None or isinstance(value, dict), "recipe section 'recover' must be a mapping or null")
                 if value is None:
                     recipe.recover = None
                 else:
-                    # A recipe naming another method starts from that method's defaults, not EBFT's preset.
-                    base = DEFAULT_RECOVER if value.get("method", defaults.RECOVER_METHOD) == "ebft" else {}
-                    recipe.recover = {"method": defaults.RECOVER_METHOD, **base, **value}
+                    # A recipe naming another method starts from that method's defaults, not EBFT's preset. The
+                    # method's own options are converted with its config's types (make_config), before any load.
+                    method = convert_value(value.get("method", defaults.RECOVER_METHOD), str, "recipe recover method")
+                    base = DEFAULT_RECOVER if method == "ebft" else {}
+                    recipe.recover = {"method": method, **base, **value} | {"method": method}
             elif key == "polish":
                 check(value is None or isinstance(value, dict), "recipe section 'polish' must be a mapping or null")
-                recipe.polish = None if value is None else {"method": "squarehead", **value}
+                if value is None:
+                    recipe.polish = None
+                else:
+                    method = convert_value(value.get("method", "squarehead"), str, "recipe polish method")
+                    recipe.polish = {"method": method, **value} | {"method": method}
             else:
-                setattr(recipe, key, value)
+                setattr(recipe, key, convert_value(value, scalars[key], f"recipe {key}"))
         return recipe
 
     def recover_options(self) -> dict:
@@ -102,8 +139,9 @@ class Recipe:
         return {k: v for k, v in (self.polish or {}).items() if k != "method"}
 
 
-def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), overwrite: bool = True, progress: Bar = silent) -> dict:
+def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), overwrite: bool = False, progress: Bar = silent) -> dict:
     """Run the whole job; returns the summary that report.md shows."""
+    model_guard.check_mode(recipe.guard, "recipe guard")
     config = PruneConfig(**recipe.prune, device=recipe.device)
     config.validate()
     device = resolve_device(recipe.device)
@@ -118,9 +156,19 @@ def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), overwrite: bool =
         check(not polish.blockwise, f"recipe polish {polish.name!r} works block by block; the polish pass is a "
               "whole-model method (squarehead, lora or s2ft)")  # fmt: skip
     evaluation = recipe.eval
+    seqlen, max_tokens, limit = evaluation["seqlen"], evaluation["max_tokens"], evaluation["limit"]
+    check(seqlen > 0, f"recipe eval seqlen {seqlen} must be a positive number of tokens")
+    check(max_tokens is None or max_tokens >= seqlen, f"recipe eval max_tokens {max_tokens} is shorter than "
+                                                      f"its seqlen {seqlen}")  # fmt: skip
+    check(limit is None or limit > 0, f"recipe eval limit {limit} must be a positive number of documents")
+    if evaluation["tasks"]:
+        parse_tasks(",".join(evaluation["tasks"]))
     for name in evaluation["ppl"]:  # after the cheap checks: a built-in corpus may be fetched here
         get_corpus(name)
-    out = runs_root / recipe.name
+    get_corpus(config.calib)  # a calibration file that cannot be read is refused before the model loads
+    out = check_output(Path(runs_root) / check_run_name(recipe.name), overwrite,
+                       [("model", recipe.model), ("calibration text", config.calib),
+                        *(("evaluation text", name) for name in evaluation["ppl"])])  # fmt: skip
     timings: dict[str, float] = {}
 
     began = time.perf_counter()
@@ -162,6 +210,13 @@ def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), overwrite: bool =
                               pattern=parse_pattern(config.pattern), device=device, seed=config.seed,
                               batch_size=config.batch_size, progress=progress)  # fmt: skip
         recovery: dict = {}
+        if recipe.guard != "off":  # the pruned model, to compare with (and fall back to) after recovery
+            t = time.perf_counter()
+            windows = model_guard.guard_windows(dense.tokenizer, get_corpus(config.calib), config.nsamples,
+                                                config.seqlen, config.seed, calib)  # fmt: skip
+            dense_loss = model_guard.lm_loss(dense.model, windows, device, config.batch_size)
+            before = model_guard.snapshot([sparse])
+            timings["guard_before_s"] = time.perf_counter() - t
         if method is not None:
             t = time.perf_counter()
             report = method.run(ctx, method_config)
@@ -175,15 +230,26 @@ def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), overwrite: bool =
             report = {**report, "polish": {"method": polish.name, **polished}}
             if method is None:
                 method, method_config = polish, polish_config
+        if recipe.guard == "off":
+            verdict = model_guard.skipped(recipe.guard, None, "off")
+        else:
+            t = time.perf_counter()
+            verdict = model_guard.check_recovery(sparse, [sparse], before, windows, recipe.guard, device, dense_loss,
+                                                 config.batch_size)  # fmt: skip
+            timings["guard_after_s"] = time.perf_counter() - t
+            del before
         recovered_sparsity = sparsity_summary(sparse, config.pattern)
         rows["recovered"] = evaluate(sparse)
         rows["recovered"]["sparsity"] = recovered_sparsity["overall"]
         recovery.setdefault("method", method.name)
         save_run(out / "recovered", sparse, dense.tokenizer,
-                 {**base_run, "command": "run", "recovery": recovery, "results": rows["recovered"]},
-                 recovered_sparsity, overwrite=overwrite, extra_files=recovery_files(method, report))  # fmt: skip
+                 {**base_run, "command": "run", "recovery": recovery, "results": rows["recovered"],
+                  "guard": verdict.to_dict()}, recovered_sparsity, overwrite=overwrite,
+                 extra_files=recovery_files(method, report, verdict))  # fmt: skip
     timings["total_s"] = time.perf_counter() - began
     summary = {"recipe": recipe.__dict__, "rows": rows, "timings": timings, "device": str(device)}
+    if "recovered" in rows:
+        summary["guard"] = verdict.to_dict()
     if "recovered" in rows:
         summary["gap_closed"] = {
             corpus: gap_closed_both(rows["dense"]["ppl"][corpus]["value"], rows["pruned"]["ppl"][corpus]["value"],

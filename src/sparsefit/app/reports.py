@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+from sparsefit.app.guard import GuardResult
 from sparsefit.text import markdown_table
 
 
@@ -54,6 +55,8 @@ def recipe_report(summary: dict, method_section: str | None) -> str:
         gap_rows = [[c, g["linear"], g["log"]] for c, g in summary["gap_closed"].items()]
         lines += ["Share of the dense-to-pruned gap that recovery closes:\n",
                   markdown_table(["corpus", "linear", "log-perplexity"], gap_rows)]  # fmt: skip
+    if "guard" in summary:  # the model guard's verdict on the recovered model (app/guard.py)
+        lines.append(GuardResult(**summary["guard"]).line() + ".\n")
     lines.append("Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in summary["timings"].items()) + "\n")
     if method_section:
         lines.append(method_section.replace("\n# ", "\n## ").replace("# ", "## ", 1))

@@ -20,10 +20,11 @@ from sparsefit import distributed
 from sparsefit.atomic import write_atomically, write_file_atomically
 from sparsefit.errors import UsageError, check
 from sparsefit.evaluate.perplexity import streamed_perplexity
-from sparsefit.models.loading import check_seqlen, load_tokenizer
+from sparsefit.models.loading import check_seqlen, check_weights_fit, load_tokenizer
 from sparsefit.progress import Bar, silent
 from sparsefit.walk.activations import Activations
 from sparsefit.walk.blocks import StreamedBlocks, skeleton
+from sparsefit.walk.checkpoint import resumable
 from sparsefit.walk.device import peak_gpu_mib
 from sparsefit.walk.shards import ShardedCheckpoint
 
@@ -74,9 +75,11 @@ class Streamed:
 def open_streamed(
     folder: Path, dtype: torch.dtype, trust_remote_code: bool = False, tokenizer: bool = True
 ) -> Streamed:
-    """The skeleton and block source of ``folder`` (headers checked: every shard present, matching the index)."""
+    """The skeleton and block source of ``folder`` (headers checked: every shard present, matching the index, and
+    every tensor the config asks for stored with its shape, so that no block fails half-way through the walk)."""
     shards = ShardedCheckpoint(folder)
     model = skeleton(folder, dtype, trust_remote_code)
+    check_weights_fit(folder, model, {name: info.shape for name, info in shards.tensors.items()}, complete=True)
     source = StreamedBlocks(model, shards, dtype)
     return Streamed(source, load_tokenizer(folder, trust_remote_code, required=tokenizer), folder)
 
@@ -127,6 +130,7 @@ def save_streamed_run(
 
     Under torchrun rank 0 writes the folder (its run.json without the perplexities), every rank evaluates its share
     of the test windows from the written shards, and rank 0 then writes run.json again, atomically, with them.
+    A write the file system fails (no space left) is one line, and the finished blocks stay for ``--resume``.
     """
     import time
 
@@ -177,13 +181,15 @@ def save_streamed_run(
             write_model(tmp)
             write_records(tmp, evaluate(tmp), Path.write_bytes)
 
-        return write_atomically(out, writer, overwrite=overwrite)
+        with resumable(out):
+            return write_atomically(out, writer, overwrite=overwrite)
 
     def first(tmp: Path) -> None:
         write_model(tmp)
         write_records(tmp, {}, Path.write_bytes)
 
-    distributed.on_main(lambda: write_atomically(out, first, overwrite=overwrite), "writing the run folder")
+    with resumable(out):
+        distributed.on_main(lambda: write_atomically(out, first, overwrite=overwrite), "writing the run folder")
     results = evaluate(Path(out))
     if results:
         distributed.on_main(lambda: write_records(Path(out), results, write_file_atomically), "writing run.json")

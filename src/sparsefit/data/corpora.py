@@ -173,28 +173,42 @@ def _books_folder() -> str:
 # --- local files -----------------------------------------------------------------------------------------
 
 
+def _not_utf8(path: Path, where: str) -> UsageError:
+    # Decoded with replacement characters, a binary file (or another encoding) would calibrate or score the model
+    # on noise, silently.
+    return UsageError(f"corpus file {str(path)!r} is not UTF-8 text ({where}); give a UTF-8 .txt or .jsonl file")
+
+
 def _read_txt(path: Path) -> list[str]:
-    text = _normalise(path.read_text(encoding="utf-8", errors="replace"))
+    try:
+        text = _normalise(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, f"byte {exc.object[exc.start]:#04x} at offset {exc.start}") from None
     return [para.strip() for para in re.split(r"\n\s*\n", text) if para.strip()]
 
 
 def _read_jsonl(path: Path) -> list[str]:
     docs = []
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UsageError(
-                    f"{str(path)!r} line {lineno} is not valid JSON ({exc.msg}); fix or remove that line"
-                ) from None
-            text = record.get("text") if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise UsageError(f'{str(path)!r} line {lineno} has no string field "text"; each line needs one')
-            if text.strip():
-                docs.append(text.strip())
+    lineno = 0
+    try:
+        with open(path, encoding="utf-8") as handle:  # line by line: a .jsonl corpus can be large
+            for lineno, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UsageError(
+                        f"{str(path)!r} line {lineno} is not valid JSON ({exc.msg}); fix or remove that line"
+                    ) from None
+                text = record.get("text") if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    raise UsageError(f'{str(path)!r} line {lineno} has no string field "text"; each line needs one')
+                if text.strip():
+                    docs.append(text.strip())
+    except UnicodeDecodeError:
+        where = f"a byte that is not UTF-8 after line {lineno}" if lineno else "in its first bytes"
+        raise _not_utf8(path, where) from None
     return docs
 
 

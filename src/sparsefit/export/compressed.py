@@ -32,7 +32,7 @@ from sparsefit.atomic import check_output, write_atomically
 from sparsefit.errors import UsageError, first_line
 from sparsefit.export.hf import model_card
 from sparsefit.export.masks import BITORDER, packed_shape, unpack_bits
-from sparsefit.export.run_folder import load_run_model, read_run, same_folder
+from sparsefit.export.run_folder import load_run_model, read_run
 from sparsefit.models.loading import read_safetensors_header
 from sparsefit.walk.masks import model_layers
 
@@ -196,9 +196,7 @@ def _dense_view(model: nn.Module) -> list[torch.Tensor]:
 def export_compressed(run_dir: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Export a sparsefit run folder as a compressed checkpoint (bitmask + values); returns ``out``."""
     run_json, sparsity_json = read_run(run_dir)
-    if same_folder(run_dir, out):
-        raise UsageError(f"output folder {str(out)!r} is the run folder itself; give another --out")
-    check_output(out, overwrite)  # fail before the slow load
+    check_output(out, overwrite, [("run folder", run_dir)])  # fail before the slow load
     model, tokenizer = load_run_model(run_dir)
     card = model_card(run_json, sparsity_json, export_format="compressed")
     extra = {"README.md": card, "sparsity.json": json.dumps(sparsity_json, indent=2)}

@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from sparsefit.atomic import check_output, write_atomically
-from sparsefit.errors import UsageError
 from sparsefit.export.masks import MASKS_FILE, masks_bytes
-from sparsefit.export.run_folder import load_run_model, read_run, same_folder
+from sparsefit.export.run_folder import load_run_model, read_run
 from sparsefit.text import markdown_table
 from sparsefit.walk.masks import model_masks
 
@@ -25,9 +24,7 @@ def export_hf(run_dir: str | os.PathLike, out: str | os.PathLike, overwrite: boo
     """
 
     run_json, sparsity_json = read_run(run_dir)
-    if same_folder(run_dir, out):
-        raise UsageError(f"output folder {str(out)!r} is the run folder itself; give another --out")
-    check_output(out, overwrite)  # fail before the slow load
+    check_output(out, overwrite, [("run folder", run_dir)])  # fail before the slow load
     model, tokenizer = load_run_model(run_dir)
     card = model_card(run_json, sparsity_json, masks=masks)
 

@@ -9,16 +9,17 @@ from typing import Any
 
 from torch import nn
 
-from sparsefit.errors import UsageError, first_line
+from sparsefit.errors import FileError, UsageError, first_line
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A run folder's JSON record; a damaged one (not JSON, not an object) is one FileError line."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise UsageError(f"{str(path)!r} is not valid JSON ({first_line(exc)}); re-create the run folder") from None
+        raise FileError(f"{str(path)!r} is not valid JSON ({first_line(exc)}); re-create the run folder") from None
     if not isinstance(data, dict):
-        raise UsageError(f"{str(path)!r} holds a {type(data).__name__}, not a JSON object; re-create the run folder")
+        raise FileError(f"{str(path)!r} holds a {type(data).__name__}, not a JSON object; re-create the run folder")
     return data
 
 
@@ -39,6 +40,18 @@ def read_run(run_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]
     """``(run_json, sparsity_json)`` of a sparsefit run folder; UsageError when it is not one."""
     path = check_run_folder(run_dir)
     return _read_json(path / "run.json"), _read_json(path / "sparsity.json")
+
+
+def read_pattern(folder: str | os.PathLike) -> str:
+    """The sparsity pattern ``folder/sparsity.json`` records: ``unstructured`` when the folder has none (a plain
+    checkpoint), a FileError line when the file is damaged."""
+    path = Path(folder).expanduser() / "sparsity.json"
+    if not path.exists():
+        return "unstructured"
+    pattern = _read_json(path).get("pattern", "unstructured")
+    if not isinstance(pattern, str):
+        raise FileError(f"{str(path)!r} records pattern {pattern!r}, not a pattern name; re-create the run folder")
+    return pattern
 
 
 def load_run_model(run_dir: str | os.PathLike) -> tuple[nn.Module, Any]:
@@ -64,8 +77,3 @@ def load_run_model(run_dir: str | os.PathLike) -> tuple[nn.Module, Any]:
         tokenizer = None  # a run folder without tokenizer files still exports; the card says so
     model.eval()
     return model, tokenizer
-
-
-def same_folder(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    """True when ``a`` and ``b`` name the same folder (an export must never replace its own source)."""
-    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from sparsefit import assets
 from sparsefit.atomic import cache_lock, write_atomically
-from sparsefit.errors import UsageError, first_line
+from sparsefit.errors import FileError, UsageError, first_line
 
 BUILTIN_MODELS: dict[str, tuple[str, str]] = {
     # name -> (asset, GGUF path inside it)
@@ -20,6 +21,7 @@ BUILTIN_MODELS: dict[str, tuple[str, str]] = {
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HUB_PROBE_S = 3.0  # how long a hub id waits for a connection before it is looked up in the local cache only
 
 
 @dataclass
@@ -47,8 +49,13 @@ def _from_folder(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tup
 
     if not (path / "config.json").exists():
         raise UsageError(f"model folder {str(path)!r} has no config.json; give a Hugging Face checkpoint folder")
+    stored = {}
     for shard in path.glob("*.safetensors"):
-        read_safetensors_header(shard)
+        stored.update({name: entry["shape"] for name, entry in read_safetensors_header(shard).items()
+                       if name != "__metadata__"})  # fmt: skip
+    # transformers would load mismatched shapes as a many-line report and a RuntimeError; say which tensor, once.
+    # Names the checkpoint stores otherwise (transformers renames some on loading) are its to check.
+    check_weights_fit(path, meta_model(path, dtype, trust_remote_code), stored, complete=False)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
@@ -57,6 +64,39 @@ def _from_folder(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tup
     except (OSError, ValueError, RuntimeError) as exc:
         raise UsageError(f"could not load model folder {str(path)!r}: {first_line(exc)}") from None
     return model, tokenizer
+
+
+def meta_model(folder: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """The model ``folder/config.json`` describes, every parameter on the meta device (no memory, no weights)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        with init_empty_weights(include_buffers=False):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UsageError(f"could not read the model config in {str(folder)!r}: {first_line(exc)}") from None
+
+
+def check_weights_fit(folder: Path, model: nn.Module, stored: dict[str, Sequence[int]], *, complete: bool) -> None:
+    """Every parameter of ``model`` (built from ``folder``'s config.json) that ``stored`` (name -> shape, from the
+    safetensors headers) holds has the shape the config gives it, and, with ``complete``, every one is stored (an
+    output layer tied to the input embedding aside): checked from the headers, before any work, so a config.json
+    that does not describe its weights, or a folder that lacks a tensor, is one FileError line."""
+    if getattr(model.config, "quantization_config", None) is not None:
+        return  # a quantized checkpoint stores packed weights, shaped otherwise; its quantizer checks them
+    head = model.get_output_embeddings()
+    for name, param in model.named_parameters():
+        shape = stored.get(name)
+        if shape is None:
+            if complete and not (head is not None and param is head.weight):
+                raise FileError(f"{str(folder)!r} lacks tensor {name!r}, which its config.json needs; the folder is "
+                                f"incomplete: re-create or re-download it")  # fmt: skip
+            continue
+        if tuple(shape) != tuple(param.shape):
+            raise FileError(f"tensor {name!r} in {str(folder)!r} has shape {list(shape)} but its config.json makes it "
+                            f"{list(param.shape)}: the config does not describe these weights")  # fmt: skip
 
 
 def read_safetensors_header(path: Path) -> dict:
@@ -89,6 +129,20 @@ def dequantize_gguf(gguf: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def _gguf_damage(gguf: Path) -> str | None:
+    """Why a GGUF file whose magic is right cannot be read whole (truncated, damaged), or None when its header
+    and tensor data are all there. Parsing costs seconds on a large file: asked only after a load failed."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(gguf)
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as exc:  # a cut header or tensor table: struct.error, IndexError or ValueError
+        return first_line(exc, 160)
+    size = gguf.stat().st_size
+    return f"its tensors need {end} bytes and it has {size}" if end > size else None
+
+
 def _dequantize(gguf: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -96,9 +150,17 @@ def _dequantize(gguf: Path, out_dir: Path) -> None:
         with open(gguf, "rb") as handle:
             if handle.read(4) != b"GGUF":
                 raise ValueError("missing GGUF magic")
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{str(gguf)!r} is not a readable GGUF file ({first_line(exc)})") from None
+    try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    except (OSError, ValueError, RuntimeError, KeyError, IndexError) as exc:
+    except Exception as exc:  # a cut file fails inside the reader with struct.error, among others
+        damage = _gguf_damage(gguf)
+        if damage is not None:
+            raise FileError(f"GGUF file {str(gguf)!r} is truncated or damaged ({damage}); re-download it") from None
+        if not isinstance(exc, (OSError, ValueError, RuntimeError, KeyError, IndexError)):
+            raise
         raise UsageError(f"{str(gguf)!r} is not a readable GGUF file ({first_line(exc)})") from None
     # A GGUF-loaded model refuses save_pretrained while it still carries its quantizer.
     model.hf_quantizer = None
@@ -175,6 +237,38 @@ def check_seqlen(config, seqlen: int, what: str = "--seqlen") -> None:
         raise UsageError(f"{what} {seqlen} is beyond the model's {limit} positions; use at most {limit}")
 
 
+def hub_reachable(timeout: float = HUB_PROBE_S) -> bool:
+    """Whether a connection to the hub (``HF_ENDPOINT``), or to the proxy in front of it, opens within ``timeout``
+    seconds. Without one, transformers retries each request with back-off for about a minute before giving up."""
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    proxy = urllib.request.getproxies().get(endpoint.scheme or "https")
+    if proxy and not urllib.request.proxy_bypass(endpoint.hostname or ""):
+        endpoint = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _hub_offline() -> str | None:
+    """Why a hub id must come from the local cache (offline mode, or no hub within reach), or None."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return "offline mode is on (HF_HUB_OFFLINE)"
+    if not hub_reachable():
+        return f"{constants.ENDPOINT} cannot be reached"
+    return None
+
+
 def load(
     name_or_path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
 ) -> LoadedModel:
@@ -186,15 +280,20 @@ def load(
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        offline = _hub_offline()  # then the cache only: one line at once, not a minute of retries
+        cache_only = {"local_files_only": True} if offline else {}
         try:
+            # The adapter lookup takes its own keywords (transformers does not pass local_files_only on to it).
             model = AutoModelForCausalLM.from_pretrained(
-                name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-            )
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+                name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
+                adapter_kwargs=dict(cache_only), **cache_only,
+            )  # fmt: skip
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **cache_only)
         except (OSError, ValueError) as exc:
+            reason = f"{offline} and no copy is cached" if offline else first_line(exc)
             raise UsageError(
                 f"model {name_or_path!r} is not a built-in or a local path, and the hub could not provide it "
-                f"({first_line(exc)}); give a local folder or .gguf file"
+                f"({reason}); give a local folder or .gguf file"
             ) from None
     model.eval()
     model.config.use_cache = False

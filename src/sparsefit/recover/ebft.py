@@ -34,6 +34,11 @@ from sparsefit.walk.walker import BlockContext, BlockStep, call_block
 
 AUTOCAST = ("auto", "none", "bf16")
 LOSSES = ("mse", "token-relative")
+# What the rate is relative to. "absolute": AdamW's lr as given (EBFT's). AdamW moves every weight by about lr per
+# step whatever its size, so the same lr is a 5x larger relative change on Gemma-3-270M (linear weights' RMS 0.04)
+# than on SmolLM2 (0.19): "block-rms" scales each block's rate by the RMS of its kept linear weights, "tensor-rms"
+# each weight matrix's rate by its own RMS (norms and biases by the block's), so lr is a step relative to the weights.
+LR_SCALES = ("absolute", "block-rms", "tensor-rms")
 
 
 WINDOWS = ("sub-block", "block")  # or a number of consecutive blocks, e.g. 2 or 4
@@ -63,6 +68,7 @@ class EBFTConfig(FitConfig):
     # energy of SmolLM2's blocks 11-27, and Gemma's BOS 15-50 %) do not make the fit about them alone.
     loss: str = "mse"
     autocast: str = "auto"  # auto: bf16 autocast on CUDA, float32 elsewhere; or "none", "bf16"
+    lr_scale: str = "absolute"  # one of LR_SCALES: the rate as given, or relative to the weights' RMS
 
     def validate(self, name: str = "ebft", n_windows: int | None = None) -> None:
         super().validate(name, n_windows)
@@ -72,6 +78,7 @@ class EBFTConfig(FitConfig):
             raise UsageError(f"{name} {error}") from None
         check(self.autocast in AUTOCAST, f"{name} autocast {self.autocast!r}: use {', '.join(AUTOCAST)}")
         check(self.loss in LOSSES, f"{name} loss {self.loss!r} is not one of {', '.join(LOSSES)}")
+        check(self.lr_scale in LR_SCALES, f"{name} lr_scale {self.lr_scale!r} is not one of {', '.join(LR_SCALES)}")
         check(isinstance(self.retries, int) and self.retries >= 0, f"{name} retries {self.retries!r} must be >= 0")
         self.window_blocks()
 
@@ -135,8 +142,26 @@ def _trainable(module: nn.Module, masks: dict[str, torch.Tensor], config: EBFTCo
     for param in (*weights, *others):
         param.requires_grad_(True)
     hooks = mask_gradients(layers, {name: masks[name] for name in layers})
-    groups = [{"params": weights}, *([{"params": others, "weight_decay": 0.0}] if others else [])]
+    if config.lr_scale == "absolute":
+        groups = [{"params": weights}, *([{"params": others, "weight_decay": 0.0}] if others else [])]
+        return groups, hooks, layers
+    scales = {name: _kept_rms([layer], [masks[name]]) for name, layer in layers.items()}
+    block = _kept_rms(list(layers.values()), [masks[name] for name in layers])
+    if config.lr_scale == "block-rms":
+        groups = [{"params": weights, "lr_scale": block}]
+    else:
+        groups = [{"params": [layer.weight], "lr_scale": scales[name]} for name, layer in layers.items()]
+    if others:
+        groups.append({"params": others, "weight_decay": 0.0, "lr_scale": block})
     return groups, hooks, layers
+
+
+@torch.no_grad()
+def _kept_rms(layers: list[nn.Module], masks: list[torch.Tensor]) -> float:
+    """RMS of the kept entries of the layers' weights (pruned ones are exact zeros): what a relative rate scales."""
+    total = sum(float(layer.weight.float().square().sum()) for layer in layers)
+    count = sum(int(keep.sum()) for keep in masks)
+    return math.sqrt(total / count) if count and total else 1.0
 
 
 def reconstruction_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "mse",
@@ -214,9 +239,10 @@ def fine_tune_block(
     Inputs/targets stay on the CPU; the last ``config.heldout`` windows are held out. Under torchrun, ``shard``
     says which of all the windows the rank's ``inputs`` are (data parallel: :func:`train_loop`).
 
-    Never worse than it began: the loop keeps the best held-out state, the initial one included; a fit that
-    did not improve on its start (held-out loss, or the training loss when nothing is held out) is redone
-    from the start at a quarter of the rate, up to ``config.retries`` times, and else left as it began.
+    Never worse than it began (with ``config.keep_best``, the default): the loop keeps the best held-out state, the
+    initial one included; a fit that did not improve on its start (held-out loss, or the training loss when nothing
+    is held out) is redone from the start at a quarter of the rate, up to ``config.retries`` times, and else left as
+    it began. Without ``keep_best`` the fit ends where training ends (the model guard still checks the model).
     """
     shard = shard if shard is not None else WindowShard(inputs.shape[0])
     config.validate(n_windows=shard.total)
@@ -271,13 +297,13 @@ def fine_tune_block(
                     weight_matrix(layer).mul_(masks[name].to(layer.weight.device))
             final_loss = on_train()
             improved = log.best_epoch != 0 if log.best_epoch is not None else final_loss < fit.initial_loss
-            if improved or attempt > config.retries:
+            if improved or attempt > config.retries or not config.keep_best:
                 break
             lr /= 4
             with torch.no_grad():
                 for param, value in zip(trained, initial, strict=True):
                     param.copy_(value)
-        if not improved:  # every attempt ended worse than the start: keep the start
+        if not improved and config.keep_best:  # every attempt ended worse than the start: keep the start
             with torch.no_grad():
                 for param, value in zip(trained, initial, strict=True):
                     param.copy_(value)
@@ -291,7 +317,7 @@ def fine_tune_block(
     fit.train_curve, fit.heldout_curve = log.curve, log.heldout_curve
     fit.epochs_run, fit.steps, fit.time_s = log.epochs_run, log.steps, time_s
     fit.best_epoch, fit.stopped_early = log.best_epoch, log.stopped_early
-    fit.lr, fit.attempts, fit.reverted = lr, attempt, not improved
+    fit.lr, fit.attempts, fit.reverted = lr, attempt, not improved and config.keep_best
     fit.tokens_per_s = trained_tokens / log.time_s if log.time_s else 0.0
     # Matmul FLOPs of the linear layers (dense kernels run over the zeros too): 2 forward + 4 backward
     # per weight and token. Attention scores are left out, so this is a lower bound.

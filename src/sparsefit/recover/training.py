@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import time
+import types
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -48,6 +50,10 @@ class FitConfig:
     seed: int = 0
 
     def validate(self, name: str, n_windows: int | None = None) -> None:
+        for item in fields(self):  # a nan or inf passes every comparison below unnoticed (nan > 0 is False...)
+            value = getattr(self, item.name)
+            check(not isinstance(value, float) or math.isfinite(value),
+                  f"{name} {item.name} {value} must be a finite number")  # fmt: skip
         check(self.lr is not None and self.lr > 0, f"{name} lr {self.lr} must be > 0")
         check(isinstance(self.epochs, int) and self.epochs >= 1, f"{name} epochs {self.epochs} must be >= 1")
         check(isinstance(self.batch_size, int) and self.batch_size >= 1, f"{name} batch {self.batch_size} must be >= 1")
@@ -78,15 +84,103 @@ class FitConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
+_REFUSED = object()  # what _converted returns for a value that does not fit the type
+_TRUE, _FALSE = ("1", "true", "t", "yes", "y", "on"), ("0", "false", "f", "no", "n", "off")  # click's BOOL words
+_KINDS = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Each field of the dataclass ``cls`` with its type, resolved (the annotations are strings here)."""
+    hints = typing.get_type_hints(cls)
+    return {item.name: hints[item.name] for item in fields(cls)}
+
+
+def convert_value(value: Any, kind: Any, key: str) -> Any:
+    """``value`` (from ``-o KEY=VALUE``, a recipe or an option) as the type ``kind`` of the field it sets, the way
+    the command line converts its own options: ``"4"`` is 4 for an int, ``"1e-3"`` is 0.001 for a float, ``"a,b"``
+    is ``("a", "b")`` for a tuple of names, 2 is ``"2"`` for a string. Anything else is one UsageError line naming
+    ``key``, the value and the type expected; so is every nan or inf."""
+    converted = _converted(value, kind)
+    if converted is _REFUSED:
+        raise UsageError(f"{key} {value!r} must be {_describe(kind)}")
+    return converted
+
+
+def convert_values(values: dict, types: dict[str, Any], where: str) -> dict:
+    """Every value of ``values`` converted by :func:`convert_value` to its key's type in ``types`` (keys without
+    one pass unchanged); ``where`` heads each key in an error (``"recipe prune"``)."""
+    return {key: convert_value(value, types[key], f"{where} {key}") if key in types else value
+            for key, value in values.items()}  # fmt: skip
+
+
+def _describe(kind: Any) -> str:
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(member) for member in typing.get_args(kind) if member is not type(None))
+    if typing.get_origin(kind) in (list, tuple):
+        return "a list of names (or one name, or names separated by commas)"
+    return _KINDS.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+def _converted(value: Any, kind: Any) -> Any:
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(kind):
+            return None
+        for member in typing.get_args(kind):
+            if member is not type(None) and (converted := _converted(value, member)) is not _REFUSED:
+                return converted
+        return _REFUSED
+    if origin in (list, tuple):  # a command line gives names separated by commas, a recipe a list (or one name)
+        items = [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            return _REFUSED
+        item_kind = next(iter(typing.get_args(kind)), Any)
+        converted = [_converted(item, item_kind) for item in items]
+        return _REFUSED if any(item is _REFUSED for item in converted) else origin(converted)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        text = value.strip().lower() if isinstance(value, str) else None
+        return True if text in _TRUE else False if text in _FALSE else _REFUSED
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        try:
+            return int(value.strip()) if isinstance(value, str) else _REFUSED
+        except ValueError:
+            return _REFUSED
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                return _REFUSED
+        else:
+            return _REFUSED
+        return number if math.isfinite(number) else _REFUSED
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else _REFUSED
+    if isinstance(kind, type) and kind is not type(None):
+        return value if isinstance(value, kind) else _REFUSED
+    return value  # Any, or a type this converter does not know: the config's own checks judge it
+
+
 def make_config(method: str, presets: dict[str, Any], options: dict, default: str) -> Any:
     """The preset named by ``options["preset"]`` (else ``default``) with the other options as overrides.
 
     Unknown option names fail with one line listing the accepted ones, before any work. None keeps the
-    preset's value (an option the user did not give).
+    preset's value (an option the user did not give). Every other value is converted to its field's type
+    (:func:`convert_value`), so a bad one is one line too, not a TypeError in the method's checks.
     """
     options = dict(options)
     name = options.pop("preset", None) or default
-    if name not in presets:
+    if not isinstance(name, str) or name not in presets:
         raise UsageError(f"{method} preset {name!r} is not known; choose one of {', '.join(presets)}")
     base = presets[name]
     accepted = [f.name for f in fields(base)]
@@ -95,8 +189,10 @@ def make_config(method: str, presets: dict[str, Any], options: dict, default: st
         raise UsageError(
             f"{method} does not accept option(s) {', '.join(unknown)}; accepted: preset, {', '.join(accepted)}"
         )
+    given = convert_values({k: v for k, v in options.items() if v is not None}, field_types(type(base)),
+                           f"{method} option")  # fmt: skip
     try:
-        return replace(base, **{k: v for k, v in options.items() if v is not None})
+        return replace(base, **given)
     except TypeError as exc:
         raise UsageError(f"{method} options {options!r} are not valid ({exc})") from None
 
@@ -192,6 +288,9 @@ def train_loop(
     # torch.optim writes its defaults (the lr among them) into a group dict: a copy keeps the caller's groups
     # clean for the next fit (a fit redone at a lower rate).
     params = [dict(item) if isinstance(item, dict) else item for item in params]
+    for item in params:  # a group's rate relative to the config's (a weight's scale, EBFT's lr_scale)
+        if isinstance(item, dict) and "lr_scale" in item:
+            item["lr"] = config.lr * item.pop("lr_scale")
     flat = flat_params(params)
     optimizer = torch.optim.AdamW(
         params, lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay

@@ -8,21 +8,74 @@ fully saved, with the carry that belongs to it.
 
 Under torchrun rank 0 writes the blocks and ``progress.json``; every rank writes its own share of the
 activations (``carry_<i>.rank<r>.safetensors``), and a resume needs the same number of processes.
+
+A file-system fault during a run (:func:`resumable`: no space left) keeps the folder when it names a finished
+block, so ``--resume`` continues from there, and removes it when it holds nothing a resume could use.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
 from sparsefit import distributed
-from sparsefit.atomic import save_tensors_atomically, write_file_atomically
-from sparsefit.errors import UsageError
+from sparsefit.atomic import fault_reason, save_tensors_atomically, write_file_atomically
+from sparsefit.errors import FileError, UsageError, WriteError, first_line
+
+T = TypeVar("T")
+
+
+def partial_folder(out: str | os.PathLike) -> Path:
+    """Where the checkpoint of the run writing ``out`` lives: ``.<name>.partial`` beside it."""
+    out = Path(out)
+    return out.parent / f".{out.name}.partial"
+
+
+@contextmanager
+def resumable(out: str | os.PathLike) -> Iterator[None]:
+    """A file-system fault inside (a :class:`WriteError` such as no space left, or an OSError) ends in one
+    WriteError line. The checkpoint of ``out`` is kept when it names a finished block, and the line says that
+    ``--resume`` continues from it; a checkpoint with none is of no use and is removed. Other errors (a damaged
+    checkpoint among them) pass unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc, WriteError):
+            message = str(exc)
+        else:
+            reason = fault_reason(exc)
+            if reason is None:
+                raise
+            where = getattr(exc, "filename", None)
+            message = f"the run stopped: {reason}" + (f" ({where})" if where else "")
+        folder = partial_folder(out)
+        try:
+            finished = json.loads((folder / "progress.json").read_text())["next_block"]
+        except (OSError, ValueError, KeyError, TypeError):
+            finished = 0
+        if finished:
+            message += f" ({finished} finished block(s) are kept in {str(folder)!r}: add --resume to continue)"
+        elif distributed.is_main():
+            shutil.rmtree(folder, ignore_errors=True)
+        raise WriteError(message) from None
+
+
+def _read_kept(path: Path, read: Callable[[Path], T]) -> T:
+    """``read(path)`` of a checkpoint file; a damaged or missing one is one FileError line."""
+    try:
+        return read(path)
+    except Exception as exc:  # safetensors raises its own type for a truncated file
+        raise FileError(f"checkpoint file {str(path)!r} is damaged ({first_line(exc, 200)}); run again without "
+                        f"--resume to start over") from None  # fmt: skip
 
 
 class BlockCheckpoint:
@@ -35,14 +88,16 @@ class BlockCheckpoint:
 
     @classmethod
     def for_output(cls, out: Path, fingerprint: dict) -> BlockCheckpoint:
-        out = Path(out)
-        return cls(out.parent / f".{out.name}.partial", fingerprint)
+        return cls(partial_folder(out), fingerprint)
 
     def start(self, resume: bool) -> tuple[int, list[dict], dict[str, torch.Tensor]]:
         """Begin a run: ``(next_block, reports, carried tensors)``; fresh unless ``resume`` finds a state."""
         progress_file = self.folder / "progress.json"
         if resume and progress_file.exists():
-            progress = json.loads(progress_file.read_text())
+            progress = _read_kept(progress_file, lambda path: json.loads(path.read_text()))
+            if not isinstance(progress, dict) or not {"fingerprint", "next_block", "reports"} <= set(progress):
+                raise FileError(f"checkpoint file {str(progress_file)!r} is damaged (not a progress record); run "
+                                f"again without --resume to start over")  # fmt: skip
             if progress["fingerprint"] != self.fingerprint:
                 changed = sorted(
                     k for k in set(progress["fingerprint"]) | set(self.fingerprint)
@@ -53,7 +108,8 @@ class BlockCheckpoint:
                     "run again with the same settings, or without --resume"
                 )
             next_block = progress["next_block"]
-            return next_block, progress["reports"], load_file(str(self._carry_file(next_block)))
+            carry = _read_kept(self._carry_file(next_block), lambda path: load_file(str(path)))
+            return next_block, progress["reports"], carry
 
         def fresh() -> None:
             if self.folder.exists():
@@ -70,7 +126,7 @@ class BlockCheckpoint:
     def restore_blocks(self, blocks: nn.ModuleList, next_block: int) -> None:
         """Load the saved weights of every finished block into ``blocks``."""
         for index in range(next_block):
-            state = load_file(str(self.folder / f"block_{index}.safetensors"))
+            state = _read_kept(self.folder / f"block_{index}.safetensors", lambda path: load_file(str(path)))
             blocks[index].load_state_dict(state, strict=True)
 
     def save_block(self, index: int, block: nn.Module) -> None:

@@ -40,7 +40,7 @@ from sparsefit.app.jobs import (
 from sparsefit.app.reports import gap_closed
 from sparsefit.atomic import check_output, write_atomically
 from sparsefit.data import calibration_windows, get_corpus
-from sparsefit.errors import check
+from sparsefit.errors import FileError, check
 from sparsefit.models import load, parse_dtype
 from sparsefit.progress import Bar, silent
 from sparsefit.prune import PruneConfig, parse_pattern, prune_model, sparsity_summary
@@ -195,7 +195,8 @@ def run_compare(
     if budget is not None:
         check(isinstance(budget, int) and budget > 0, f"budget {budget!r} must be a positive number of tokens")
     dtype_ = parse_dtype(dtype)
-    out = check_output(out, overwrite)
+    out = check_output(out, overwrite, [("model", model), ("calibration text", calib),
+                                        *(("evaluation text", name) for name in eval_corpora)])  # fmt: skip
     budget_tokens = budget if budget is not None else defaults.COMPARE_EPOCHS * nsamples * seqlen
     # Under torchrun rank 0 writes the kept folders: every rank names the one rank 0 made.
     kept = Path(distributed.broadcast(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-keep-")
@@ -308,6 +309,10 @@ def run_compare(
                        "results": {"sparsity": final["overall"], "ppl": entry["ppl"]}}  # fmt: skip
                 save_run(kept / label.replace(" ", "-"), student, tokenizer, run, final,
                          extra_files=recovery_files(method, report))  # fmt: skip
+        except FileError:  # a full disk is not the method's failure, and the others would meet it too
+            if kept is not None and distributed.is_main():
+                shutil.rmtree(kept, ignore_errors=True)  # the kept models of a comparison that will not be written
+            raise
         except Exception as exc:  # one method's failure must not cost the others their results
             entry = {
                 "status": "failed", "error": _first_line(exc), "ppl": {}, "gap_closed": {}, "gap_closed_log": {},

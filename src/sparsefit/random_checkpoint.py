@@ -2,6 +2,10 @@
 
 Written one tensor at a time (never the whole model in memory), with the index file of a sharded checkpoint, so a
 model far bigger than memory can be made on any machine without a hub.
+
+Tooling, not part of a job: it sits above ``walk/`` (it writes through walk's shard writer) and nothing in the
+package imports it. It used to live in ``models/``, below ``walk/``, where that import closed a models <-> walk
+cycle (``tests/test_layers.py``).
 """
 
 from __future__ import annotations
