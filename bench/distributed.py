@@ -38,7 +38,7 @@ JOBS = {
     # `quick` as it was measured (lr 1e-3, sparse-path; the preset moved to 3e-3 and a mixed target after
     # bench/quality.py).
     "wanda 70% + ebft quick": ["--method", "wanda", "--sparsity", "0.7", "--recover", "ebft", "--preset", "quick",
-                               "--lr", "1e-3", "--target", "sparse-path"],
+                               "--lr", "1e-3", "--target", "sparse-path", "-o", "lr_scale=absolute"],
 }
 
 

@@ -41,6 +41,10 @@ LEVERS: dict[str, dict] = {
     "cpu-token-relative": {"preset": "cpu", "lr_scale": "absolute", "lr": 3e-3, "loss": "token-relative"},
     "cpu-heldout4": {"preset": "cpu", "lr_scale": "absolute", "lr": 3e-3, "heldout": 4},
     "cpu-epochs2": {"preset": "cpu", "lr_scale": "absolute", "lr": 3e-3, "epochs": 2},
+    "cpu-warmup": {"preset": "cpu", "lr_scale": "absolute", "lr": 3e-3, "warmup": 0.1},
+    "cpu-tensor-rms-warmup": {"preset": "cpu", "lr_scale": "tensor-rms", "lr": 1.6e-2, "warmup": 0.1},
+    "quick-tensor-rms": {"preset": "quick", "lr_scale": "tensor-rms", "lr": 1.6e-2},
+    "quick-tensor-rms-warmup": {"preset": "quick", "lr_scale": "tensor-rms", "lr": 1.6e-2, "warmup": 0.1},
     # The presets as they are now (recover/ebft.py PRESETS): the rows that check them on every model.
     "new-cpu": {"preset": "cpu"},
     "new-quick": {"preset": "quick"},
@@ -50,8 +54,8 @@ LEVERS: dict[str, dict] = {
 def parse_row(name: str) -> tuple[str, float, str, int, int, str]:
     model, sparsity, shape, lever = name.split(":")
     n, length = (int(x) for x in shape.split("x"))
-    pattern = "2:4" if sparsity == "2:4" else "unstructured"
-    return model, 0.5 if pattern == "2:4" else float(sparsity), pattern, n, length, lever
+    pattern = sparsity.replace("-", ":") if "-" in sparsity else "unstructured"  # 2-4: the N:M pattern 2:4
+    return model, 0.5 if pattern != "unstructured" else float(sparsity), pattern, n, length, lever
 
 
 def baseline_of(name: str) -> str:
@@ -99,8 +103,14 @@ def measure(args: argparse.Namespace, name: str) -> dict:
         result["cpu_min"] = (time.process_time() - cpu_began) / 60
         modules = ebft.blocks_of(loaded.model)
         # "warn": the row measures what recovery did, so the recovered model stays whatever the guard says.
-        verdict = guard.check_recovery(loaded.model, modules, pruned.states(len(modules)), windows, "warn", cpu)
+        states = pruned.states(len(modules))
+        verdict = guard.check_recovery(loaded.model, modules, states, windows, "warn", cpu)
         result["guard"] = verdict.to_dict()
+        # The guard's reference on the test text too: the same masks, the weights before recovery. Whether the
+        # guard's verdict on its held-out windows agrees with the test perplexity is what this column checks.
+        guard.swap(modules, states)
+        result["ppl_pruned_only"] = evaluate(loaded.model)
+        guard.swap(modules, states)
         result["ebft"] = {
             "config": report["config"],
             "backed_off": sum(b["attempts"] > 1 for b in blocks),
@@ -136,10 +146,12 @@ def report(args: argparse.Namespace, dense: dict, runs: dict[str, dict]) -> None
             else:
                 cells[corpus] = f"{q:.1f}"
         g, e = r.get("guard", {}), r.get("ebft", {})
+        own = r.get("ppl_pruned_only")
+        own_cell = f"{own['wiki']:.1f} / {own['books']:.1f}" if own else ""
         guard_cell = (f"{g['pruned_loss']:.3f} -> {g['recovered_loss']:.3f}{' WORSE' if g['worse'] else ''}"
                       if g else f"{r.get('guard_loss', 0):.3f}")  # fmt: skip
         rows.append([
-            name, cells["wiki"], cells["books"], guard_cell,
+            name, cells["wiki"], cells["books"], own_cell, guard_cell,
             f"{e['train_reduction']:.0%} / {e['heldout_reduction']:.0%}" if e else "",
             f"{e['backed_off']}/{e['kept_as_pruned']}/{e['first_epoch_rise']}" if e else "",
             f"{r['cpu_min']:.1f}" if "cpu_min" in r else "", round(r["peak_rss_mb"]),
@@ -153,12 +165,13 @@ def report(args: argparse.Namespace, dense: dict, runs: dict[str, dict]) -> None
         f"first {args.max_tokens} test tokens at seqlen {args.eval_seqlen} (in brackets: share of the "
         f"log-perplexity gap closed against the row's pruned model); dense: {dense_text}. Guard: the whole model's "
         "next-token loss on held-out windows of `wiki` drawn after the calibration ones (4,096 tokens), pruned-only "
-        "-> recovered. Block fit: mean reduction of each block's training / held-out reconstruction error. Blocks: "
-        "backed off / kept as pruned / training loss above its start after the first epoch. CPU-min: process CPU "
-        "time of prune + recover."
+        "-> recovered; its pruned-only model (the interleaved walk's masks, the weights before recovery) is what the "
+        "guard compares with and falls back to. Block fit: mean reduction of each block's training / held-out "
+        "reconstruction error. Blocks: backed off / kept as pruned / training loss above its start after the first "
+        "epoch. CPU-min: process CPU time of prune + recover."
     )
-    header = ["row", "wiki ppl", "books ppl", "guard loss", "block fit train / held-out", "blocks", "CPU-min",
-              "peak RSS MB"]  # fmt: skip
+    header = ["row", "wiki ppl", "books ppl", "its pruned-only wiki / books", "guard loss",
+              "block fit train / held-out", "blocks", "CPU-min", "peak RSS MB"]  # fmt: skip
     write_results("robust", {"setting": vars(args), "dense": dense, "runs": runs}, header, rows, notes)
 
 
@@ -174,7 +187,7 @@ def main() -> None:
     parser.add_argument("--one", nargs=1, metavar="ROW", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.list:
-        print("rows: MODEL:SPARSITY:NxL:LEVER with MODEL in", ", ".join(MODELS), "and SPARSITY 0.5, 0.7 or 2:4")
+        print("rows: MODEL:SPARSITY:NxL:LEVER with MODEL in", ", ".join(MODELS), "and SPARSITY 0.5, 0.7 or 2-4 (2:4)")
         for name, options in LEVERS.items():
             print(f"  {name:20} {json.dumps(options)}")
         return

@@ -93,7 +93,9 @@ def test_a_value_of_the_wrong_type_is_one_line_naming_key_value_and_type(value, 
      ("ebft", {"lr": float("inf")}, "ebft option lr inf must be a finite number"),
      ("lora", {"r": "many"}, "lora option r 'many' must be an integer"),
      ("dsnot", {"max_cycles": 2.5}, "dsnot option max_cycles 2.5 must be an integer"),
-     ("ebft", {"preset": ["cpu"]}, "ebft preset ['cpu'] is not known")],
+     ("ebft", {"preset": ["cpu"]}, "ebft preset ['cpu'] is not known"),
+     ("lora", {"targets": 1}, "lora option targets 1 must be layer names such as q_proj,v_proj"),
+     ("s2ft", {"targets": {"o_proj": 1}}, "s2ft option targets {'o_proj': 1} must be layer names such as o_proj,")],
 )  # fmt: skip
 def test_method_options_are_converted_to_their_fields_types(method, options, message):
     with pytest.raises(UsageError) as error:
@@ -125,7 +127,11 @@ def fake_run(workspace, tmp_path):  # noqa: F811
      (["--method", "ebft", "-o", "lr=nan"], "ebft option lr 'nan' must be a finite number"),
      (["--method", "squarehead", "-o", "lr=nan"], "squarehead option lr 'nan' must be a finite number"),
      (["--method", "ebft", "--lr", "inf"], "ebft option lr inf must be a finite number"),
-     (["--method", "ebft", "--weight-decay", "nan"], "ebft option weight_decay nan must be a finite number")],
+     (["--method", "ebft", "--weight-decay", "nan"], "ebft option weight_decay nan must be a finite number"),
+     (["--method", "lora", "-o", "targets=1"], "lora option targets 1 must be layer names such as q_proj,v_proj "
+                                               "(names separated by commas, or a list)"),
+     (["--method", "s2ft", "-o", "targets=1"], "s2ft option targets 1 must be layer names such as o_proj,down_proj "
+                                               "(names separated by commas, or a list)")],
 )  # fmt: skip
 def test_recover_refuses_a_bad_option_value_in_one_line(fake_run, monkeypatch, capsys, tmp_path, args, message):
     err = one_line_error(monkeypatch, capsys, "recover", fake_run, *args, "--out", tmp_path / "out")
@@ -156,6 +162,7 @@ def test_prune_and_compare_refuse_nan_and_inf(workspace, monkeypatch, capsys, tm
      ("recover: {lr: fast}\n", "ebft option lr 'fast' must be a finite number"),
      ("recover: {method: squarehead, lr: .nan}\n", "squarehead option lr nan must be a finite number"),
      ("recover: {method: [ebft]}\n", "recipe recover method ['ebft'] must be a string"),
+     ("recover: {method: lora, targets: 1}\n", "lora option targets 1 must be layer names such as q_proj,v_proj"),
      ("eval: {max_tokens: lots}\n", "recipe eval max_tokens 'lots' must be an integer"),
      ("eval: {seqlen: 0}\n", "recipe eval seqlen 0 must be a positive number of tokens"),
      ("eval: {tasks: [nope]}\n", "nope"),  # a task name, checked before the model loads

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_model
 from sparsefit.atomic import write_atomically
-from sparsefit.errors import UsageError
+from sparsefit.errors import FileError, UsageError
 from sparsefit.export import (
     export_compressed,
     export_hf,
@@ -169,8 +169,10 @@ def test_masks_missing_or_corrupted_file(tmp_path):
 
     foreign = tmp_path / "foreign.safetensors"
     save_file({"x": torch.zeros(4, 2, dtype=torch.uint8)}, str(foreign))
-    for path, words in ((truncated, "not a valid"), (garbage, "not a valid"), (foreign, "sparsefit masks")):
-        with pytest.raises(UsageError, match=words) as info:
+    # A damaged file is a FileError (exit 1); a file that is not sparsefit's masks, bad input (exit 2).
+    for path, words, kind in ((truncated, "not a valid", FileError), (garbage, "not a valid", FileError),
+                              (foreign, "sparsefit masks", UsageError)):  # fmt: skip
+        with pytest.raises(kind, match=words) as info:
             load_masks(path)
         assert "\n" not in str(info.value)
 

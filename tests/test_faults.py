@@ -19,7 +19,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from conftest import make_byte_tokenizer, make_tiny_model
-from sparsefit.atomic import check_output, check_run_name, file_faults, write_file_atomically
+from sparsefit.atomic import (
+    check_output,
+    check_run_name,
+    file_faults,
+    save_tensors_atomically,
+    write_file_atomically,
+)
 from sparsefit.cli import main
 from sparsefit.errors import FileError, UsageError, WriteError
 from sparsefit.models import load
@@ -196,6 +202,27 @@ def test_a_disk_full_during_the_walk_keeps_what_resume_needs(model, corpus, monk
     assert same_weights(out, tmp_path / "full") and not partial.exists()
 
 
+@pytest.mark.parametrize("damage", ["cut", "garbage", "missing"])
+def test_a_damaged_block_file_under_resume_is_one_line(damage, model, corpus, monkeypatch, capsys, tmp_path):
+    out, partial = tmp_path / "out", tmp_path / ".out.partial"
+    with monkeypatch.context() as patch:
+        fill_disk_at(patch, "block_2.")  # blocks 0 and 1 are kept
+        assert cli(monkeypatch, *prune_args(model, corpus, out)) == 1
+    capsys.readouterr()
+    block = partial / "block_0.safetensors"
+    data = block.read_bytes()
+    if damage == "missing":
+        block.unlink()
+    else:
+        block.write_bytes(data[: len(data) // 2] if damage == "cut" else os.urandom(len(data)))
+    assert cli(monkeypatch, *prune_args(model, corpus, out, "--resume")) == 1  # a damaged file, not a bad input
+    err = one_line(capsys)
+    assert f"checkpoint file {str(block)!r} is damaged" in err and "run again without --resume" in err
+    assert left(tmp_path) == [".out.partial"]  # no output, no temp folder; the checkpoint stays for a look
+    assert cli(monkeypatch, *prune_args(model, corpus, out)) == 0  # as the line says: starts over
+    assert load_file(out / "model.safetensors") and not partial.exists()
+
+
 def test_a_disk_full_before_any_block_is_kept_leaves_nothing(model, corpus, monkeypatch, capsys, tmp_path):
     fill_disk_at(monkeypatch, "block_0.")
     assert cli(monkeypatch, *prune_args(model, corpus, tmp_path / "out")) == 1
@@ -245,12 +272,31 @@ def test_write_faults_are_one_line_and_other_errors_pass(tmp_path):
     with pytest.raises(WriteError, match="failed: Read-only file system"):
         with file_faults(tmp_path / "b.txt"):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    # How safetensors 0.8 words it (seen with a file size limit, `ulimit -f`, on a real write).
+    for code in (errno.ENOSPC, errno.EFBIG):
+        with pytest.raises(WriteError, match=f"failed: {os.strerror(code)}"):
+            with file_faults(tmp_path / "e.txt"):
+                raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(code)} (os error {code})")
     with pytest.raises(SafetensorError, match="header"):
         with file_faults(tmp_path / "c.txt"):
             raise SafetensorError("Error while deserializing header")
     with pytest.raises(KeyError):
         with file_faults(tmp_path / "d.txt"):
             raise KeyError("a bug is not a fault")
+
+
+def test_a_real_write_fault_of_safetensors_is_one_line(tmp_path):
+    """Not a made-up message: the kernel fails the write (a file size limit gives EFBIG, as a full disk gives
+    ENOSPC), in the words of the safetensors that is installed."""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # Python ignores SIGXFSZ: the write fails instead
+    try:
+        with pytest.raises(WriteError, match=r"a.safetensors' failed: File too large$"):
+            save_tensors_atomically({"a": torch.zeros(10_000)}, tmp_path / "a.safetensors")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert not list(tmp_path.iterdir())  # no temp file
 
 
 def test_write_file_atomically_leaves_no_temp_file_on_a_full_disk(tmp_path, monkeypatch):

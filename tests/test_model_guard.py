@@ -185,3 +185,29 @@ def test_a_recipe_falls_back_and_its_report_says_so(workspace, trained, monkeypa
     recipe.write_text(recipe.read_text() + "guard: sometimes\n")
     assert cli(monkeypatch, "run", recipe, "--runs-dir", tmp_path / "runs2") == 2
     assert capsys.readouterr().err.strip() == "error: recipe guard 'sometimes' is not one of fallback, warn, off"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_guard_holds_across_a_resume(workspace, trained, monkeypatch, tmp_path, stream):  # noqa: F811
+    """The pruned blocks are files in the run's partial folder, so a walk interrupted and resumed is guarded as
+    one that ran through: the same verdict and the same weights."""
+    from sparsefit.recover.ebft import EBFTStep
+
+    options = dict(recover="ebft", recover_options=DIVERGE, stream=stream)
+    full = run_prune(str(trained), prune_config(workspace), tmp_path / "full", **options)
+    original = EBFTStep.__call__
+
+    def killed_at_block_2(self, ctx):
+        if ctx.index == 2:
+            raise KeyboardInterrupt
+        return original(self, ctx)
+
+    monkeypatch.setattr(EBFTStep, "__call__", killed_at_block_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_prune(str(trained), prune_config(workspace), tmp_path / "resumed", **options)
+    monkeypatch.setattr(EBFTStep, "__call__", original)
+    resumed = run_prune(str(trained), prune_config(workspace), tmp_path / "resumed", resume=True, **options)
+    assert resumed["progress"]["resumed_at"] == 2 and resumed["guard"]["worse"]
+    assert resumed["guard"]["pruned_loss"] == pytest.approx(full["guard"]["pruned_loss"], rel=1e-6)
+    a, b = linear_weights(tmp_path / "full"), linear_weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import ARCHS, make_tiny_model
-from sparsefit.errors import UsageError
+from sparsefit.errors import FileError, UsageError
 from sparsefit.models import get_adapter, load, prunable_layers, weight_matrix
 
 
@@ -40,7 +40,7 @@ def test_load_rejects_truncated_safetensors(tiny_checkpoint):
     shard = tiny_checkpoint / "model.safetensors"
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
-    with pytest.raises(UsageError, match="not a valid safetensors"):
+    with pytest.raises(FileError, match="not a valid safetensors"):  # a damaged file: exit 1
         load(str(tiny_checkpoint))
 
 

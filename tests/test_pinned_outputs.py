@@ -33,7 +33,8 @@ PINNED_TORCH = "2.13.0"
 # that recorded the first set gives the second set there, so neither set is a change of behaviour. A third set is
 # an AMD EPYC's (2026-12-06): the code at 2bfdd08 gives the same bits there as the code after issue 21's guard.
 # The EBFT runs name their rate and target: the `quick` preset moved from 1e-3 to 3e-3 and from the sparse-path
-# target to a mix (issue 13's frontier), and these checksums pin the code path, not the preset.
+# target to a mix (issue 13's frontier), then to a rate relative to each weight's RMS (issue 21), and these
+# checksums pin the code path, not the preset.
 EXPECTED = {
     "ebft-interleaved": {
         "64f7966b82897815b9fc5252fb165ffb68dbe5b9ce859536f815e0e7f4caf47d",
@@ -93,8 +94,8 @@ def pruned_pair():
 
 def run_interleaved() -> str:
     model = make_tiny_model("llama")
-    config = get_method("ebft").configure({"preset": "quick", "lr": 1e-3, "epochs": 2, "batch_size": 2,
-                                           "heldout": 2, "target": "sparse-path"})  # fmt: skip
+    config = get_method("ebft").configure({"preset": "quick", "lr": 1e-3, "lr_scale": "absolute", "epochs": 2,
+                                           "batch_size": 2, "heldout": 2, "target": "sparse-path"})  # fmt: skip
     prune_model(model, IDS, prune_config(), recover_steps=[EBFTStep(config)], keep_dense_outputs=True)
     return checksum(model)
 
@@ -110,10 +111,11 @@ def run_method(name: str, **options) -> str:
 
 RUNS = {
     "ebft-interleaved": run_interleaved,
-    "ebft-two-step": lambda: run_method("ebft", preset="quick", lr=1e-3, epochs=2, batch_size=2, heldout=2,
-                                        target="sparse-path"),
+    "ebft-two-step": lambda: run_method("ebft", preset="quick", lr=1e-3, lr_scale="absolute", epochs=2, batch_size=2,
+                                        heldout=2, target="sparse-path"),
     "ebft-dense-path-early-stop": lambda: run_method(
-        "ebft", preset="quick", epochs=3, batch_size=2, heldout=2, early_stop=1, target="dense-path", lr=5e-2
+        "ebft", preset="quick", epochs=3, batch_size=2, heldout=2, early_stop=1, target="dense-path", lr=5e-2,
+        lr_scale="absolute"
     ),
     "dsnot": lambda: run_method("dsnot", layers="all"),
     "squarehead": lambda: run_method("squarehead", epochs=1, batch_size=2),

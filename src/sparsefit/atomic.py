@@ -114,12 +114,13 @@ def check_run_name(name: object) -> str:
 
 def fault_reason(exc: BaseException) -> str | None:
     """What the file system said, when ``exc`` is a file-system fault (an OSError, or safetensors' I/O error,
-    which carries the OS error code in its text); None for anything else."""
+    which carries the OS error code in its text: ``IoError(Os { code: 28, ...`` in older releases, ``I/O error: No
+    space left on device (os error 28)`` in 0.8); None for anything else."""
     if isinstance(exc, OSError):
         code, reason = exc.errno, exc.strerror or first_line(exc)
-    elif type(exc).__name__ == "SafetensorError" and "IoError" in str(exc):
-        match = re.search(r"code: (\d+)", str(exc))
-        code = int(match.group(1)) if match else None
+    elif type(exc).__name__ == "SafetensorError" and ("IoError" in str(exc) or "I/O error" in str(exc)):
+        match = re.search(r"code: (\d+)|\(os error (\d+)\)", str(exc))
+        code = int(match.group(1) or match.group(2)) if match else None
         reason = os.strerror(code) if code is not None else first_line(exc)
     else:
         return None

@@ -451,7 +451,7 @@ def run_prune(
             windows = model_guard.guard_windows(loaded.tokenizer, get_corpus(config.calib), config.nsamples,
                                                 config.seqlen, config.seed, calib)  # fmt: skip
             dense_loss = model_guard.lm_loss(loaded.model, windows, device, config.batch_size)
-    pruned = model_guard.PrunedBlocks() if guarded else None
+    pruned = model_guard.PrunedBlocks(checkpoint.folder) if guarded else None  # files: a --resume finds them
     with timed(timings, "prune_s"), resumable(out):
         walked = prune_interleaved(loaded.model, calib, config, method, method_config, checkpoint=checkpoint,
                                    resume=resume, progress=progress, activations=activations,
@@ -462,9 +462,8 @@ def run_prune(
         blocks = method.blocks_of(loaded.model)
         if not guarded:
             verdict = model_guard.skipped(guard, None, "off")
-        elif not pruned.complete(len(blocks)):
-            verdict = model_guard.skipped(guard, windows, f"the walk resumed at block {walked['start']}: the blocks "
-                                                          "before it were not kept as pruned")  # fmt: skip
+        elif not pruned.complete(len(blocks)):  # a walk resumed from a checkpoint written before the guard existed
+            verdict = model_guard.skipped(guard, windows, "the blocks before the resumed one were not kept as pruned")
         else:
             with timed(timings, "guard_after_s"):
                 verdict = model_guard.check_recovery(loaded.model, blocks, pruned.states(len(blocks)), windows,

@@ -112,8 +112,8 @@ def read_safetensors_header(path: Path) -> dict:
         end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
         if 8 + header_len + end != size:
             raise ValueError(f"expected {8 + header_len + end} bytes, found {size}")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise UsageError(
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:  # damaged, found while working: exit 1
+        raise FileError(
             f"{str(path)!r} is not a valid safetensors file ({exc}); re-create or re-download it"
         ) from None
     return header

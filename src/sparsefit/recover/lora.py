@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from sparsefit.errors import check
+from sparsefit.errors import UsageError, check
 from sparsefit.models.adapters import is_prunable
 from sparsefit.prune.report import sparsity_report
 from sparsefit.recover.base import ModelMethod, RecoveryContext
@@ -67,12 +67,18 @@ def target_layers(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
     return [name for name, module in model.named_modules() if is_prunable(module) and name.split(".")[-1] in targets]
 
 
-def split_names(options: dict, key: str) -> dict:
-    """``"q_proj,v_proj"`` (a command line) or a list (a recipe) -> a tuple of names."""
-    if isinstance(options.get(key), str):
-        options[key] = tuple(t.strip() for t in options[key].split(",") if t.strip())
-    elif options.get(key) is not None:
-        options[key] = tuple(options[key])
+def split_names(options: dict, key: str, method: str, example: str) -> dict:
+    """``"q_proj,v_proj"`` (a command line) or a list (a recipe) -> a tuple of names. Anything else (``-o
+    targets=1`` reads as a number) is one UsageError line naming ``method``'s option, the value and, as
+    ``example``, names it accepts."""
+    value = options.get(key)
+    if isinstance(value, str):
+        options[key] = tuple(t.strip() for t in value.split(",") if t.strip())
+    elif isinstance(value, (list, tuple)):
+        options[key] = tuple(value)
+    elif value is not None:
+        raise UsageError(f"{method} option {key} {value!r} must be layer names such as {example} (names separated "
+                         f"by commas, or a list)")  # fmt: skip
     return options
 
 
@@ -82,7 +88,7 @@ class LoRA(ModelMethod):
     presets = PRESETS
 
     def normalize(self, options: dict) -> dict:
-        return split_names(options, "targets")
+        return split_names(options, "targets", self.name, "q_proj,v_proj")
 
     def check_model(self, model: nn.Module, config: LoRAConfig) -> str | None:
         """None when the configured targets exist in ``model``, else why not."""

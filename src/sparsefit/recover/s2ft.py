@@ -300,7 +300,7 @@ class S2FT(ModelMethod):
     presets = PRESETS
 
     def normalize(self, options: dict) -> dict:
-        return split_names(options, "targets")
+        return split_names(options, "targets", self.name, "o_proj,down_proj")
 
     def supports(self, pattern) -> str | None:
         if pattern.slim:

@@ -15,15 +15,16 @@ from __future__ import annotations
 import copy
 import ctypes
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from sparsefit.atomic import save_tensors_atomically
-from sparsefit.errors import UsageError
+from sparsefit.errors import FileError, UsageError
 from sparsefit.models.adapters import Adapter, get_adapter
 from sparsefit.walk.shards import (
     INDEX_FILE,
@@ -35,6 +36,8 @@ from sparsefit.walk.shards import (
     write_index,
     write_shard,
 )
+
+T = TypeVar("T")
 
 
 class InMemoryBlocks:
@@ -149,6 +152,17 @@ class StreamedBlocks(InMemoryBlocks):
         assert self.work is not None
         return self.work / f"block_{index}.safetensors"
 
+    def read_stored(self, index: int, read: Callable[[Path], T]) -> T:
+        """``read(block_file(index))``. A stored block file that is missing, cut short or not safetensors (found
+        when a ``--resume`` reads an earlier run's blocks) is one FileError line that says how to start over."""
+        path = self.block_file(index)
+        try:
+            return read(path)
+        except (UsageError, FileError, FileNotFoundError) as exc:
+            what = "missing" if isinstance(exc, FileNotFoundError) else "cut short or not a safetensors file"
+            raise FileError(f"checkpoint file {str(path)!r} is damaged ({what}); run again without --resume to "
+                            f"start over") from None  # fmt: skip
+
     def _assign(self, module: nn.Module, state: dict[str, torch.Tensor], what: str) -> nn.Module:
         module.load_state_dict(state, strict=False, assign=True)
         left = [name for name, p in module.named_parameters() if p.is_meta]
@@ -167,7 +181,7 @@ class StreamedBlocks(InMemoryBlocks):
         """Finished block ``index`` as it was stored (a window's earlier block, after a resume)."""
         block = self.blocks[index]
         if _is_meta(block):
-            self._assign(block, load_tensors(self.block_file(index)), f"stored block {index}")
+            self._assign(block, self.read_stored(index, load_tensors), f"stored block {index}")
         return block
 
     def store(self, index: int) -> None:
@@ -245,9 +259,9 @@ class StreamedBlocks(InMemoryBlocks):
 
         def block_tensor(index: int, key: str) -> torch.Tensor | None:
             if index not in stored:
-                stored[index] = file_tensors(self.block_file(index))
+                stored[index] = self.read_stored(index, file_tensors)
             info = stored[index].get(key)
-            return read_tensor(self.block_file(index), info) if info is not None else None
+            return self.read_stored(index, lambda path: read_tensor(path, info)) if info is not None else None
 
         weight_map: dict[str, str] = {}
         total = 0
@@ -283,7 +297,9 @@ def skeleton(folder: str | os.PathLike, dtype: torch.dtype, trust_remote_code: b
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         text = str(exc).strip().splitlines()
-        raise UsageError(f"could not read the model config in {str(folder)!r}: {text[0] if text else exc}") from None
+        # A config.json that is there but cannot be read is a damaged file (exit 1); a folder without one, bad input.
+        kind = FileError if (Path(folder) / "config.json").is_file() else UsageError
+        raise kind(f"could not read the model config in {str(folder)!r}: {text[0] if text else exc}") from None
     model.eval()
     model.config.use_cache = False
     return model
