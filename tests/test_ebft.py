@@ -147,7 +147,7 @@ def test_presets():
     assert ebft.configure({"preset": "quick", "lr": 5e-4}).lr == 5e-4
     # auto: the cpu preset on a CPU, the gpu one (the paper's with held-out windows) on a GPU
     auto_cpu = ebft.configure({}, device=CPU)
-    assert (auto_cpu.lr, auto_cpu.lr_scale, auto_cpu.epochs, auto_cpu.loss) == (1.6e-2, "tensor-rms", 8, "mse")
+    assert (auto_cpu.lr, auto_cpu.lr_scale, auto_cpu.warmup, auto_cpu.epochs) == (1.6e-2, "tensor-rms", 0.1, 8)
     auto_gpu = ebft.configure({"preset": "auto"}, device=torch.device("cuda"))
     assert (auto_gpu.lr, auto_gpu.epochs, auto_gpu.heldout, auto_gpu.early_stop) == (2e-4, 10, 8, 2)
     with pytest.raises(UsageError, match="preset"):
