@@ -26,10 +26,10 @@ from sparsefit.atomic import (
     save_tensors_atomically,
     write_file_atomically,
 )
-from sparsefit.cli import main
 from sparsefit.errors import FileError, UsageError, WriteError
 from sparsefit.models import load
 from sparsefit.prune import PruneConfig
+from test_cli import cli
 
 # What safetensors raises when the disk fills while it writes (its Rust I/O error, with the OS error code).
 DISK_FULL = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
@@ -56,14 +56,6 @@ def model(tmp_path) -> Path:
     make_tiny_model("llama", layers=3).save_pretrained(path)
     make_byte_tokenizer().save_pretrained(path)
     return path
-
-
-def cli(monkeypatch, *args) -> int:
-    monkeypatch.setattr("sys.argv", ["sparsefit", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-        raise SystemExit(0)
-    return exit_info.value.code
 
 
 def prune_args(model, corpus, out, *extra) -> list:
