@@ -366,7 +366,9 @@ def test_a_recipe_run_again_needs_overwrite(model, corpus, monkeypatch, capsys, 
     assert cli(monkeypatch, "run", recipe, "--runs-dir", runs) == 2
     assert "pass --overwrite" in one_line(capsys)
     assert contents(runs) == first  # the first result is kept
+    shutil.copytree(runs / "tiny" / "pruned", runs / "tiny" / "recovered")  # as if the first recipe had recovered
     assert cli(monkeypatch, "run", recipe, "--runs-dir", runs, "--overwrite") == 0
+    assert set(contents(runs)) == set(first)  # no stale recovered model beside a report that lacks it
 
 
 @pytest.mark.parametrize("name", ["../escaped", "absolute"])

@@ -20,6 +20,8 @@ from sparsefit.errors import UsageError
 from sparsefit.prune import PruneConfig
 from sparsefit.random_checkpoint import write_random_llama
 from sparsefit.walk.activations import Activations
+from sparsefit.walk.checkpoint import partial_folder
+from sparsefit.walk.shards import ShardedCheckpoint
 
 EBFT = {"preset": "quick", "epochs": 1, "lr": 1e-3}
 
@@ -156,8 +158,6 @@ def test_interrupted_streamed_run_resumes_bit_identically(corpus, monkeypatch, t
 
 def test_activations_in_bfloat16_and_spilled_to_disk(corpus, tmp_path):
     model = sharded(tmp_path / "model")
-    from sparsefit.walk.shards import ShardedCheckpoint
-
     shards = ShardedCheckpoint(model)
     block = shards.nbytes([name for name in shards.tensors if name.startswith("model.layers.0.")])
     # A budget just above one block's need (twice its weights when pruning): every activation set spills.
@@ -173,6 +173,35 @@ def test_activations_in_bfloat16_and_spilled_to_disk(corpus, tmp_path):
     spilled_set.fill_(1.5)
     assert store.spilled == 1 and spilled_set.dtype == torch.bfloat16 and float(spilled_set.sum()) == 36.0
     assert not list((tmp_path / "activations").iterdir())  # unlinked at once: a crash leaves nothing behind
+
+
+def test_full_disk_at_a_spilled_set_is_one_line_and_keeps_the_checkpoint(corpus, monkeypatch, tmp_path):
+    """A spilled set's disk space is reserved before it is mapped: a full disk is an error (ENOSPC) at the
+    reservation, not a SIGBUS at the first write through the mapping (a sparse file's blocks are taken lazily)."""
+    import errno
+    import os
+
+    from sparsefit.errors import WriteError
+    from sparsefit.walk import activations
+
+    model = sharded(tmp_path / "model")
+    calls = []
+    real = os.posix_fallocate
+
+    def fallocate(fd, offset, length):
+        calls.append(length)
+        if len(calls) > 4:  # a few sets fit, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, offset, length)
+
+    monkeypatch.setattr(activations.os, "posix_fallocate", fallocate)
+    shards = ShardedCheckpoint(model)
+    block = shards.nbytes([name for name in shards.tensors if name.startswith("model.layers.0.")])
+    with pytest.raises(WriteError, match=r"No space left on device; free some space.*1 finished block.*--resume"):
+        run_prune(str(model), config(corpus), tmp_path / "out", max_memory=2 * block + 100)
+    assert len(calls) == 5 and not (tmp_path / "out").exists()
+    spill = partial_folder(tmp_path / "out") / "activations"
+    assert not spill.exists() or not list(spill.iterdir())  # the refused set's file is gone too
 
 
 def one_line_error(monkeypatch, capsys, *args) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -261,6 +262,10 @@ def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), overwrite: bool =
     def write() -> None:
         write_file_atomically(out / "report.md", report_md)
         write_file_atomically(out / "summary.json", json.dumps(summary, indent=2, default=str))
+        if "recovered" not in rows and (out / "recovered").is_dir():
+            # An earlier run of this name (replaced with --overwrite) recovered; this one did not: its model
+            # would sit beside a report that no longer speaks of it. Removed last, once this result is complete.
+            shutil.rmtree(out / "recovered")
 
     distributed.on_main(write, "writing the report")
     return summary

@@ -8,12 +8,32 @@ disk space comes back when the set is freed, and nothing is left behind by a cra
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import weakref
 from pathlib import Path
 
 import torch
+
+
+def _allocate(path: Path, nbytes: int) -> None:
+    """Create ``path`` with ``nbytes`` of disk really reserved. A file only truncated to its size is sparse: with
+    the disk full, the first write through the mapping kills the process with SIGBUS; reserved blocks make a full
+    disk an OSError (ENOSPC) here, which the walk reports as one line and keeps its checkpoint for --resume."""
+    with open(path, "wb") as handle:
+        if hasattr(os, "posix_fallocate"):
+            try:
+                os.posix_fallocate(handle.fileno(), 0, nbytes)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without fallocate: write
+                    raise
+        chunk = bytes(1 << 20)
+        for start in range(0, nbytes, len(chunk)):
+            handle.write(chunk[: min(len(chunk), nbytes - start)])
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 class Activations:
@@ -48,8 +68,11 @@ class Activations:
             return tensor
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"set-{os.getpid()}-{next(self._names)}.bin"
-        with open(path, "wb") as handle:
-            handle.truncate(max(nbytes, 1))
+        try:
+            _allocate(path, max(nbytes, 1))
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
         try:
             tensor = torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
         finally:
