@@ -3,6 +3,7 @@ pruning time as a ratio to one dense calibration forward measured in the same ru
 
     .venv/bin/python bench/prune.py                      # the issue's setting (wiki 128 x 512)
     .venv/bin/python bench/prune.py --nsamples 16 --max-tokens 4096   # a quick look
+    .venv/bin/python bench/prune.py --paths --methods wanda --settings 0.5 --nsamples 32 --name prune_paths
 
 Each configuration runs in its own process, so its peak resident memory is its own.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 from common import peak_rss_mb, run_isolated, run_many, write_results  # noqa: E402
 
@@ -25,8 +27,41 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 SETTINGS = (("0.5", "unstructured"), ("0.6", "unstructured"), ("0.7", "unstructured"), ("0.5", "2:4"))
 
 
+def measure_path(args: argparse.Namespace, method: str, sparsity: float, pattern: str, path: str) -> dict:
+    """One ``sparsefit prune`` of the model's local safetensors folder through ``run_prune``, loaded whole
+    (``path`` memory) or streamed block by block: load, calibration, pruning and the written run folder."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    from sparsefit.app.jobs import run_prune
+    from sparsefit.models.loading import resolve
+    from sparsefit.prune import PruneConfig
+
+    folder = resolve(args.model)
+    out = Path(tempfile.mkdtemp(prefix="prune-path-")) / "run"
+    config = PruneConfig(method=method, sparsity=sparsity, pattern=pattern, nsamples=args.nsamples,
+                         seqlen=args.seqlen, batch_size=args.batch_size, device="cpu")  # fmt: skip
+    began = time.perf_counter()
+    try:
+        run = run_prune(str(folder), config, out, stream=path == "streamed")
+        seconds = time.perf_counter() - began
+        digest = hashlib.sha256()  # of every tensor's nonzero pattern: the same masks in both paths?
+        for shard in sorted(out.glob("*.safetensors")):
+            for name, tensor in sorted(load_file(shard).items()):
+                digest.update(name.encode() + (tensor != 0).numpy().tobytes())
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
+    return {"status": "ok", "time_s": seconds, "ppl": {}, "peak_rss_mb": peak_rss_mb(),
+            "timings": run["timings"], "streamed": run["memory"]["streamed"],
+            "mask_digest": digest.hexdigest()}  # fmt: skip
+
+
 def measure(args: argparse.Namespace, method: str, sparsity: float, pattern: str) -> dict:
     """Load, time one dense calibration forward (method 'dense') or a pruning run, evaluate."""
+    if "@" in method:  # METHOD@memory or METHOD@streamed: the run_prune pair
+        method, path = method.split("@")
+        return measure_path(args, method, sparsity, pattern, path)
     from sparsefit.app.jobs import evaluate_model
     from sparsefit.data import calibration_windows, get_corpus
     from sparsefit.models import get_adapter, load
@@ -75,6 +110,9 @@ def main() -> None:
     parser.add_argument("--settings", default=",".join(s if p == "unstructured" else p for s, p in SETTINGS),
                         help="sparsities and/or N:M patterns")
     parser.add_argument("--no-eval", action="store_true", help="time the pruning only (no perplexity)")
+    parser.add_argument("--paths", action="store_true",
+                        help="instead: each method and setting through run_prune on the model's local safetensors "
+                             "folder, loaded whole and streamed, side by side (no evaluation)")  # fmt: skip
     parser.add_argument("--name", default="prune", help="results file name under bench/results")
     parser.add_argument("--jobs", type=int, default=1, help="configurations run side by side (one process each)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process")
@@ -87,10 +125,20 @@ def main() -> None:
         method, sparsity, pattern = args.one
         print(json.dumps(measure(args, method, float(sparsity), pattern)))
         return
+    settings = [("0.5", s) if ":" in s else (s, "unstructured") for s in args.settings.split(",")]
+    if args.paths:
+        jobs = {
+            f"{method} {pattern if pattern != 'unstructured' else sparsity} {path}": [f"{method}@{path}", sparsity,
+                                                                                       pattern]  # fmt: skip
+            for method in args.methods.split(",")
+            for sparsity, pattern in settings
+            for path in ("memory", "streamed")
+        }
+        run_many(__file__, common, jobs, args.jobs, args.threads, lambda runs: report_paths(args, runs))
+        return
     dense = run_isolated(__file__, common, ["dense", "0", "unstructured"], args.threads)
     if dense["status"] != "ok":
         sys.exit(f"the dense run failed: {dense['error']}")
-    settings = [("0.5", s) if ":" in s else (s, "unstructured") for s in args.settings.split(",")]
     jobs = {
         f"{method} {pattern if pattern != 'unstructured' else sparsity}": [method, sparsity, pattern]
         for method in args.methods.split(",")
@@ -130,6 +178,27 @@ def report(args: argparse.Namespace, dense: dict, runs: dict[str, dict]) -> None
     )
     header = ["run", "ppl wiki", "ppl books", "time s", "time / dense fwd", "time / walker fwd", "peak RSS MB"]
     write_results(args.name, {"setting": vars(args), "dense": dense, "runs": runs}, header, rows, notes)
+
+
+def report_paths(args: argparse.Namespace, runs: dict[str, dict]) -> None:
+    """The streamed / in-memory pair: each streamed run's time as a ratio to its in-memory twin."""
+    rows = []
+    for key, r in runs.items():
+        if r["status"] != "ok":
+            rows.append([key, "failed", r["error"], "", "", "", ""])
+            continue
+        twin = runs.get(key.rsplit(" ", 1)[0] + " memory", {})
+        ratio = round(r["time_s"] / twin["time_s"], 3) if twin.get("status") == "ok" else ""
+        same = "yes" if twin.get("mask_digest") == r["mask_digest"] else "no" if twin.get("status") == "ok" else ""
+        rows.append([key, round(r["time_s"], 1), round(r["timings"].get("prune_s", 0), 1), ratio, same,
+                     round(r["peak_rss_mb"])])  # fmt: skip
+    threads = f"{args.threads} torch thread(s) per process" if args.threads else "torch's default threads"
+    notes = (f"`run_prune` on {args.model}'s local safetensors folder, loaded whole or streamed block by block "
+             f"(one process each, {args.jobs} at a time, {threads}, torch {torch.__version__}), `wiki` "
+             f"{args.nsamples} x {args.seqlen}, no evaluation. Time: the whole run (load, calibration, pruning, the "
+             "run folder written); ratio: streamed / in memory; masks: the same nonzeros in both outputs.")  # fmt: skip
+    header = ["run", "time s", "prune s", "streamed / in memory", "same masks", "peak RSS MB"]
+    write_results(args.name, {"setting": vars(args), "runs": runs}, header, rows, notes)
 
 
 if __name__ == "__main__":
