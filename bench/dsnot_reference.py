@@ -240,9 +240,11 @@ def run_sparsefit(model, calib: torch.Tensor, method: str, sparsity: float, thre
 
 
 def layer_masks(model) -> dict[str, torch.Tensor]:
-    """The keep mask of every linear layer inside the decoder blocks."""
-    return {name: module.weight.detach() != 0 for name, module in model.model.layers.named_modules()
-            if isinstance(module, torch.nn.Linear)}  # fmt: skip
+    """sparsefit's ``model_masks``, named as the reference names layers inside ``model.model.layers``
+    (``0.self_attn.q_proj``)."""
+    from sparsefit.walk.masks import model_masks
+
+    return {name.removeprefix("model.layers."): keep for name, keep in model_masks(model).items()}
 
 
 def measure(args: argparse.Namespace, row: str) -> dict:
@@ -284,7 +286,7 @@ def compare_masks(masks_dir: Path, left: str, right: str) -> dict | None:
     paths = masks_dir / f"{left}.pt", masks_dir / f"{right}.pt"
     if not all(p.exists() for p in paths):
         return None
-    a, b = (torch.load(p) for p in paths)
+    a, b = (torch.load(p, weights_only=True) for p in paths)  # this script's own files; kept in layer order
     differ = {name: int((a[name] != b[name]).sum()) for name in a}
     total = sum(m.numel() for m in a.values())
     first = next((name for name in a if differ[name]), None)  # named_modules order: block by block

@@ -52,9 +52,8 @@ def measure_path(args: argparse.Namespace, method: str, sparsity: float, pattern
                 digest.update(name.encode() + (tensor != 0).numpy().tobytes())
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
-    return {"status": "ok", "time_s": seconds, "ppl": {}, "peak_rss_mb": peak_rss_mb(),
-            "timings": run["timings"], "streamed": run["memory"]["streamed"],
-            "mask_digest": digest.hexdigest()}  # fmt: skip
+    return {"status": "ok", "time_s": seconds, "peak_rss_mb": peak_rss_mb(), "timings": run["timings"],
+            "streamed": run["memory"]["streamed"], "mask_digest": digest.hexdigest()}  # fmt: skip
 
 
 def measure(args: argparse.Namespace, method: str, sparsity: float, pattern: str) -> dict:

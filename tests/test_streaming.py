@@ -2,7 +2,9 @@
 path (prune, EBFT, DSnoT, two-step recovery, perplexity, resume), holds one block in memory, and refuses bad input
 in one line before any work."""
 
+import errno
 import json
+import os
 import random
 import subprocess
 import sys
@@ -16,9 +18,10 @@ from safetensors.torch import load_file
 from conftest import make_byte_tokenizer, make_tiny_model
 from sparsefit.app.jobs import run_prune, run_recover
 from sparsefit.cli import main
-from sparsefit.errors import UsageError
+from sparsefit.errors import UsageError, WriteError
 from sparsefit.prune import PruneConfig
 from sparsefit.random_checkpoint import write_random_llama
+from sparsefit.walk import activations
 from sparsefit.walk.activations import Activations
 from sparsefit.walk.checkpoint import partial_folder
 from sparsefit.walk.shards import ShardedCheckpoint
@@ -156,12 +159,15 @@ def test_interrupted_streamed_run_resumes_bit_identically(corpus, monkeypatch, t
     assert not partial.exists()
 
 
+def spill_everything(model: Path) -> int:
+    """A memory budget just above one block's need (twice its weights when pruning): every activation set spills."""
+    shards = ShardedCheckpoint(model)
+    return 2 * shards.nbytes([name for name in shards.tensors if name.startswith("model.layers.0.")]) + 100
+
+
 def test_activations_in_bfloat16_and_spilled_to_disk(corpus, tmp_path):
     model = sharded(tmp_path / "model")
-    shards = ShardedCheckpoint(model)
-    block = shards.nbytes([name for name in shards.tensors if name.startswith("model.layers.0.")])
-    # A budget just above one block's need (twice its weights when pruning): every activation set spills.
-    spilled = run_prune(str(model), config(corpus), tmp_path / "spill", max_memory=2 * block + 100)
+    spilled = run_prune(str(model), config(corpus), tmp_path / "spill", max_memory=spill_everything(model))
     plain = run_prune(str(model), config(corpus), tmp_path / "plain")
     assert spilled["memory"]["spilled_sets"] > 0 and plain["memory"]["spilled_sets"] == 0
     assert_same_weights(tmp_path / "spill", tmp_path / "plain")
@@ -178,12 +184,6 @@ def test_activations_in_bfloat16_and_spilled_to_disk(corpus, tmp_path):
 def test_full_disk_at_a_spilled_set_is_one_line_and_keeps_the_checkpoint(corpus, monkeypatch, tmp_path):
     """A spilled set's disk space is reserved before it is mapped: a full disk is an error (ENOSPC) at the
     reservation, not a SIGBUS at the first write through the mapping (a sparse file's blocks are taken lazily)."""
-    import errno
-    import os
-
-    from sparsefit.errors import WriteError
-    from sparsefit.walk import activations
-
     model = sharded(tmp_path / "model")
     calls = []
     real = os.posix_fallocate
@@ -195,10 +195,8 @@ def test_full_disk_at_a_spilled_set_is_one_line_and_keeps_the_checkpoint(corpus,
         return real(fd, offset, length)
 
     monkeypatch.setattr(activations.os, "posix_fallocate", fallocate)
-    shards = ShardedCheckpoint(model)
-    block = shards.nbytes([name for name in shards.tensors if name.startswith("model.layers.0.")])
     with pytest.raises(WriteError, match=r"No space left on device; free some space.*1 finished block.*--resume"):
-        run_prune(str(model), config(corpus), tmp_path / "out", max_memory=2 * block + 100)
+        run_prune(str(model), config(corpus), tmp_path / "out", max_memory=spill_everything(model))
     assert len(calls) == 5 and not (tmp_path / "out").exists()
     spill = partial_folder(tmp_path / "out") / "activations"
     assert not spill.exists() or not list(spill.iterdir())  # the refused set's file is gone too
