@@ -48,6 +48,10 @@ LEVERS: dict[str, dict] = {
     # The presets as they are now (recover/ebft.py PRESETS): the rows that check them on every model.
     "new-cpu": {"preset": "cpu"},
     "new-quick": {"preset": "quick"},
+    # quick's 10 % warm-up is 2 steps at 16 x 256 (28 steps): a warm-up of at least 5 steps (cpu's there), a lower rate.
+    "quick-warmup5": {"preset": "quick", "warmup_steps": 5},
+    "quick-lr8e-3": {"preset": "quick", "lr": 8e-3},
+    "quick-lr8e-3-warmup5": {"preset": "quick", "lr": 8e-3, "warmup_steps": 5},
 }
 
 

@@ -395,6 +395,38 @@ def export(
 
 
 @app.command()
+def generate(
+    model: str = typer.Argument(..., help="run folder, hf or compressed export, or built-in model name"),
+    prompt: str = typer.Option(..., help="the text to continue"),
+    max_new_tokens: int = typer.Option(32, help="greedy tokens to generate"),
+    kernels: str = typer.Option("auto", help="auto (sparse where faster), sparse or dense"),
+    values: str = typer.Option("float32", help="the sparse layers' kept values: float32, bf16 or int8"),
+    threads: int = typer.Option(None, help="CPU threads (default: torch's)"),
+    compare_dense: bool = typer.Option(False, "--compare-dense", help="time dense decoding too and compare"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
+) -> None:
+    """Greedy text from a sparse model on the sparse kernel, its tokens/s and weight memory."""
+    from sparsefit.app.decode import generate_text
+
+    result = generate_text(model, prompt, max_new_tokens, kernels, values, threads, compare_dense)
+    if "warning" in result:
+        typer.echo(f"warning: {result['warning']}", err=True)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(result["text"])
+    mib = result["weights_mib"]
+    layers = result["layers"]
+    rows = [["decode tokens/s", f"{result['tokens_per_s']:.1f}", f"{result['threads']} threads, {kernels} kernels"],
+            ["weights MiB", f"{mib['sparse'] or 0:.1f}", f"dense {mib['dense']:.1f}"],
+            ["pruned layers", f"{layers['sparse']} sparse", f"{layers['dense']} dense"]]  # fmt: skip
+    if compare_dense:
+        rows += [["speed-up", f"{result['speedup']:.2f}x", f"dense {result['dense']['tokens_per_s']:.1f} tokens/s"],
+                 ["same greedy tokens", str(result["same_tokens"]), f"of {max_new_tokens}"]]  # fmt: skip
+    _echo_table(f"generate from {model}", ["", "value", "note"], rows)
+
+
+@app.command()
 def methods() -> None:
     """Every recovery method: how it works, its presets, and each option with its value in each preset."""
     from dataclasses import fields

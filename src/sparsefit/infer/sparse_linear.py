@@ -1,0 +1,115 @@
+"""A linear layer that keeps its pruned weight compressed and multiplies without decompressing it.
+
+The weight is stored as the compressed export stores it (a bitmask per row, little bit order, and the kept values
+in row-major order) plus the start of each row's values. Decoding (a few tokens per call) runs the compiled
+kernel; prefill (many tokens) unpacks the weight into a temporary dense matrix and calls torch's matmul, whose
+cost the many tokens share, so the model never holds a dense copy between calls.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from sparsefit.errors import UsageError
+from sparsefit.export.masks import BITORDER, pack_bits, unpack_bits
+from sparsefit.infer import kernel as compiled
+
+VALUES = tuple(compiled.VALUE_KINDS)  # float32, bf16, int8
+PREFILL_TOKENS = 16  # from this many tokens per call on, the unpacked dense matmul (prefill may stay dense)
+
+
+def _padded(values: torch.Tensor) -> torch.Tensor:
+    return torch.cat([values, values.new_zeros(compiled.PAD)])
+
+
+def quantize_rows(values: torch.Tensor, row_start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per row (max |w| / 127): the kept values and the rows' scales."""
+    rows = row_start.numel() - 1
+    counts = (row_start[1:] - row_start[:-1]).long()
+    row_of = torch.repeat_interleave(torch.arange(rows), counts)
+    peak = torch.zeros(rows).scatter_reduce(0, row_of, values.abs().float(), "amax", include_self=True)
+    scales = (peak / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    quantized = torch.round(values.float() / scales[row_of]).clamp(-127, 127).to(torch.int8)
+    return quantized, scales
+
+
+class SparseLinear(nn.Module):
+    """``y = x W^T + b`` with W as a bitmask and its kept values (float32, bf16 or int8 with per-row scales)."""
+
+    def __init__(self, bitmask: torch.Tensor, values: torch.Tensor, shape: tuple[int, int],
+                 bias: torch.Tensor | None = None, value_dtype: str = "float32") -> None:  # fmt: skip
+        super().__init__()
+        if value_dtype not in VALUES:
+            raise UsageError(f"sparse values {value_dtype!r}: use {', '.join(VALUES)}")
+        out_features, in_features = (int(n) for n in shape)
+        if tuple(bitmask.shape) != (out_features, (in_features + 7) // 8) or bitmask.dtype != torch.uint8:
+            raise UsageError(f"bitmask of shape {tuple(bitmask.shape)} does not pack a "
+                             f"[{out_features}, {in_features}] weight")  # fmt: skip
+        self.in_features, self.out_features, self.value_dtype = in_features, out_features, value_dtype
+        counts = torch.from_numpy(np.unpackbits(bitmask.numpy(), axis=-1, count=in_features, bitorder=BITORDER)
+                                  .sum(-1, dtype=np.int64))  # fmt: skip
+        row_start = torch.zeros(out_features + 1, dtype=torch.int64)
+        row_start[1:] = counts.cumsum(0)
+        if int(row_start[-1]) != values.numel():
+            raise UsageError(f"bitmask keeps {int(row_start[-1])} weights but {values.numel()} values are given")
+        scales = None
+        values = values.reshape(-1).float()
+        if value_dtype == "int8":
+            values, scales = quantize_rows(values, row_start)
+        elif value_dtype == "bf16":
+            values = values.to(torch.bfloat16)
+        self.register_buffer("bitmask", bitmask.contiguous())
+        self.register_buffer("values", _padded(values))
+        self.register_buffer("row_start", row_start)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    value_dtype: str = "float32") -> SparseLinear:  # fmt: skip
+        """From a dense ``[out, in]`` weight: its nonzeros are the kept weights."""
+        weight = weight.detach().float().cpu()
+        keep = weight != 0
+        return cls(pack_bits(keep), weight[keep], tuple(weight.shape), bias, value_dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, value_dtype: str = "float32") -> SparseLinear:
+        return cls.from_weight(linear.weight, linear.bias, value_dtype)
+
+    def weight_bytes(self) -> int:
+        """Bytes the layer's weight takes (mask, values without their padding, row starts, scales): what it reads."""
+        kept = (self.values.numel() - compiled.PAD) * self.values.element_size()
+        extra = self.scales.numel() * 4 if self.scales is not None else 0
+        return self.bitmask.numel() + kept + self.row_start.numel() * 8 + extra
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as a dense float32 matrix (its values as stored: bf16 and int8 dequantized)."""
+        if compiled.problem() is None:
+            shape = (self.out_features, self.in_features)
+            return compiled.unpack(self.bitmask, self.values, self.row_start, self.scales, shape)
+        keep = unpack_bits(self.bitmask, (self.out_features, self.in_features))
+        values = self.values[: self.values.numel() - compiled.PAD].float()
+        if self.scales is not None:
+            counts = (self.row_start[1:] - self.row_start[:-1]).long()
+            values = values * torch.repeat_interleave(self.scales, counts)
+        weight = torch.zeros(self.out_features, self.in_features)
+        weight[keep] = values
+        return weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        tokens = x.numel() // max(1, self.in_features)
+        if x.device.type != "cpu" or tokens >= PREFILL_TOKENS or torch.is_grad_enabled() and x.requires_grad:
+            bias = None if self.bias is None else self.bias.to(x.device, dtype)
+            return nn.functional.linear(x, self.dense_weight().to(x.device, dtype), bias)
+        y = compiled.sparse_linear(x.float(), self.bitmask, self.values, self.row_start, self.scales, self.bias,
+                                   self.out_features)  # fmt: skip
+        return y.to(dtype)
+
+    def extra_repr(self) -> str:
+        kept = self.values.numel() - compiled.PAD
+        density = kept / max(1, self.in_features * self.out_features)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, density={density:.3f}, "
+                f"values={self.value_dtype}")  # fmt: skip
