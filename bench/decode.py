@@ -13,7 +13,8 @@ dense and pruned by magnitude at 50 / 70 / 80 %. For each model and path:
   missed, whether the kernel is bound by memory or by its arithmetic.
 
 Paths: ``dense`` (PyTorch float32, the reference), ``dense-bf16``, ``csr`` (``torch.sparse`` CSR SpMV, the best
-library path measured; the kernels that used to do this, in vLLM, compressed-tensors and torchao, are gone) and
+library path measured; the kernels that used to do this, in vLLM, compressed-tensors and torchao, are gone; not on
+the 1.1B model, where every path's copy is held at once and CSR's would not fit beside them) and
 sparsefit's kernel with float32 (exact), bf16 and int8 (per-row scale) values, plus ``auto`` (the sparse layer only
 where faster, as ``generate`` picks by default). SmolLM2 at 70 % also gets each value type's wiki perplexity
 (4,096 test tokens at 512).
@@ -143,11 +144,9 @@ def on_path(model: nn.Module, path: str, threads: int) -> nn.Module:
 
 def weights_read_per_token(model: nn.Module) -> int:
     """Bytes of weights one decode step reads: every weight but the input embedding (it reads one row)."""
-    from sparsefit.infer.load import weight_bytes
-
     embedding = model.get_input_embeddings().weight
     tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embedding
-    return weight_bytes(model) - (0 if tied else embedding.numel() * embedding.element_size())
+    return total_bytes(model) - (0 if tied else embedding.numel() * embedding.element_size())
 
 
 def total_bytes(model: nn.Module) -> int:
@@ -157,41 +156,50 @@ def total_bytes(model: nn.Module) -> int:
     return weight_bytes(model) + extra
 
 
-def best_of(repeats: int, run):
-    results = [run() for _ in range(repeats)]
-    return min(results, key=lambda r: r.decode_s if hasattr(r, "decode_s") else r)
-
-
-def measure_path(model: nn.Module, reference: nn.Module, args, vocab: int) -> dict:
-    from sparsefit.infer.generate import greedy
-
+def inputs(args, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, vocab, (1, args.prompt_len), generator=generator)
-    short = prompt[:, :8]
-    greedy(model, short, 2)  # warm-up
-    one = best_of(args.repeats, lambda: greedy(model, short, args.tokens))
-    eight = best_of(args.repeats, lambda: greedy(model, short.expand(8, -1).contiguous(), args.tokens_batch8))
+    step = torch.randint(3, vocab, (8, 1), generator=generator)
+    return prompt, prompt[:, :8], step
+
+
+def measure_paths(models: dict[str, nn.Module], reference: nn.Module, args, vocab: int) -> dict[str, dict]:
+    """Every path's decode and prefill speed, timed round by round (path after path, ``repeats`` rounds, the best
+    of each path kept): a drift of the machine's speed during the run falls on every path alike."""
+    from sparsefit.infer.generate import greedy
+
+    prompt, short, step = inputs(args, vocab)
+    one, eight, prefill = {}, {}, {}
+    for model in models.values():
+        greedy(model, short, 2)  # warm-up: first-call allocations, the kernel's tables
+    for _ in range(args.repeats):
+        for path, model in models.items():
+            run = greedy(model, short, args.tokens)
+            one[path] = min(one.get(path, run), run, key=lambda r: r.decode_s)
+            run = greedy(model, short.expand(8, -1).contiguous(), args.tokens_batch8)
+            eight[path] = min(eight.get(path, run), run, key=lambda r: r.decode_s)
+            with torch.no_grad():
+                began = time.perf_counter()
+                model(input_ids=prompt)
+                prefill[path] = min(prefill.get(path, float("inf")), time.perf_counter() - began)
+    rows = {}
     with torch.no_grad():
-        prefill = []
-        for _ in range(args.repeats):
-            began = time.perf_counter()
-            model(input_ids=prompt)
-            prefill.append(time.perf_counter() - began)
-        step = torch.randint(3, vocab, (8, 1), generator=generator)
-        got, want = model(input_ids=step).logits.float(), reference(input_ids=step).logits.float()
-    read = weights_read_per_token(model)
-    step_s = one.decode_s / (args.tokens - 1)
-    return {
-        "decode_tokens_per_s": one.decode_tokens_per_s,
-        "decode8_tokens_per_s": eight.decode_tokens_per_s,
-        "prefill_tokens_per_s": args.prompt_len / min(prefill),
-        "weights_mib": total_bytes(model) / 2**20,
-        "max_logit_diff": float((got - want).abs().max() / want.abs().max()),
-        "read_mib_per_token": read / 2**20,
-        "read_gb_per_s": read / step_s / 1e9,
-        "same_tokens_as_dense": None,
-        "tokens": one.tokens[0].tolist(),
-    }
+        want = reference(input_ids=step).logits.float()
+        for path, model in models.items():
+            got = model(input_ids=step).logits.float()
+            read = weights_read_per_token(model)
+            rows[path] = {
+                "status": "ok",
+                "decode_tokens_per_s": one[path].decode_tokens_per_s,
+                "decode8_tokens_per_s": eight[path].decode_tokens_per_s,
+                "prefill_tokens_per_s": args.prompt_len / prefill[path],
+                "weights_mib": total_bytes(model) / 2**20,
+                "max_logit_diff": float((got - want).abs().max() / want.abs().max()),
+                "read_mib_per_token": read / 2**20,
+                "read_gb_per_s": read / (one[path].decode_s / (args.tokens - 1)) / 1e9,
+                "tokens": one[path].tokens[0].tolist(),
+            }
+    return rows
 
 
 def perplexity(model: nn.Module, tokenizer) -> float:
@@ -206,6 +214,10 @@ def measure_model(args, model_key: str) -> dict:
     from sparsefit.infer.load import pruned_layers
 
     torch.set_num_threads(args.threads)
+    if model_key == "llama1b":  # 8x SmolLM2's weights per token: fewer steps give as steady a time
+        fewer = {"tokens": max(8, args.tokens // 2), "tokens_batch8": max(4, args.tokens_batch8 // 2),
+                 "repeats": min(args.repeats, 2)}  # fmt: skip
+        args = argparse.Namespace(**{**vars(args), **fewer})
     tokenizer = None
     if model_key == "smollm2":
         from sparsefit.models import load
@@ -217,29 +229,30 @@ def measure_model(args, model_key: str) -> dict:
         vocab = model.config.vocab_size
         pruned = bool(pruned_layers(model)) and not variant.startswith("structured")
         paths = PATHS if pruned else ["dense", "dense-bf16", "auto"]
-        dense_tokens = None
+        if model_key == "llama1b":  # every path's copy is held at once: CSR's 3.8 GB would not fit beside them
+            paths = [p for p in paths if p != "csr"]
+        models, failed = {}, {}
         for path in paths:
-            began = time.perf_counter()
             try:
-                on = on_path(model, path, args.threads)
-                row = measure_path(on, model, args, vocab)
+                models[path] = on_path(model, path, args.threads)
             except Exception as error:  # a path that fails is a row that says so, not a lost table
-                row = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
-            else:
-                row["status"] = "ok"
-                if path == "dense":
-                    dense_tokens = torch.tensor([row["tokens"]])
-                elif dense_tokens is not None:
-                    row["same_tokens_as_dense"] = same_tokens(torch.tensor([row["tokens"]]), dense_tokens)
+                failed[path] = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
+        began = time.perf_counter()
+        measured = {**measure_paths(models, model, args, vocab), **failed}
+        dense_tokens = torch.tensor([measured["dense"]["tokens"]])
+        for path in paths:
+            row = measured[path]
+            if row["status"] == "ok":
+                row["same_tokens_as_dense"] = same_tokens(torch.tensor([row["tokens"]]), dense_tokens)
                 if model_key == "smollm2" and variant == "0.7" and path in ("dense", "sparse", "sparse-bf16",
                                                                             "sparse-int8"):  # fmt: skip
-                    row["wiki_ppl"] = perplexity(on, tokenizer)
-                del on
-            row["seconds"] = time.perf_counter() - began
+                    row["wiki_ppl"] = perplexity(models[path], tokenizer)
             rows[f"{model_key}:{variant}:{path}"] = row
             print(f"{model_key}:{variant}:{path} {json.dumps({k: v for k, v in row.items() if k != 'tokens'})}",
                   file=sys.stderr, flush=True)  # fmt: skip
-            gc.collect()
+        rows[f"{model_key}:{variant}:dense"]["seconds_all_paths"] = time.perf_counter() - began
+        del models
+        gc.collect()
         del model
         gc.collect()
     lib = compiled.kernel()
@@ -267,9 +280,11 @@ def report(data: dict) -> None:
     setting = data["setting"]
     notes = (
         f"{setting['cpu']}, {setting['threads']} thread(s), torch {setting['torch']}, kernel {setting['isa']}. "
+        "Paths are timed round by round (each path once per round, the best of the rounds kept). "
         "Decode: greedy tokens/s with the KV cache after an 8-token prompt (batch 1: "
         f"{setting['tokens']} tokens, batch 8: {setting['tokens_batch8']} tokens per row), best of "
-        f"{setting['repeats']}; prefill: one forward of {setting['prompt_len']} tokens. speed-up: batch-1 decode "
+        f"{setting['repeats']} (the 1.1B model: half the tokens, best of 2); prefill: one forward of "
+        f"{setting['prompt_len']} tokens. speed-up: batch-1 decode "
         "against the same model's dense float32 path. Memory: weight MiB and its ratio to the dense model's. Logit "
         "diff: largest |difference| from dense float32 over the largest |logit|, one decode step of 8 rows. Read: "
         "MiB of weights one decode step reads / the GB/s that implies at the measured step time. SmolLM2 pruned "

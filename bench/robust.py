@@ -45,14 +45,20 @@ LEVERS: dict[str, dict] = {
     "cpu-tensor-rms-warmup": {"preset": "cpu", "lr_scale": "tensor-rms", "lr": 1.6e-2, "warmup": 0.1},
     "quick-tensor-rms": {"preset": "quick", "lr_scale": "tensor-rms", "lr": 1.6e-2},
     "quick-tensor-rms-warmup": {"preset": "quick", "lr_scale": "tensor-rms", "lr": 1.6e-2, "warmup": 0.1},
-    # The presets as they are now (recover/ebft.py PRESETS): the rows that check them on every model.
-    "new-cpu": {"preset": "cpu"},
-    "new-quick": {"preset": "quick"},
+    # The relative rate and warm-up at their full rate whatever the steps (the presets before rate_for_steps).
+    "cpu-full-rate": {"preset": "cpu"},
+    "quick-full-rate": {"preset": "quick"},
     # quick's 10 % warm-up is 2 steps at 16 x 256 (28 steps): a warm-up of at least 5 steps (cpu's there), a lower rate.
     "quick-warmup5": {"preset": "quick", "warmup_steps": 5},
     "quick-lr8e-3": {"preset": "quick", "lr": 8e-3},
     "quick-lr8e-3-warmup5": {"preset": "quick", "lr": 8e-3, "warmup_steps": 5},
 }
+# Every lever above is a fixed rate, whatever the steps; the presets as they are now (recover/ebft.py PRESETS, the
+# rate scaled down for fits of fewer than 124 steps) are the rows that check them on every model.
+for _lever in LEVERS.values():
+    if _lever:
+        _lever.setdefault("full_rate_steps", 0)
+LEVERS.update({"new-cpu": {"preset": "cpu"}, "new-quick": {"preset": "quick"}})
 
 
 def parse_row(name: str) -> tuple[str, float, str, int, int, str]:
@@ -217,7 +223,10 @@ def main() -> None:
         for key in [k for k in runs if k.endswith(":dense")]:
             dense[key.split(":")[0]] = runs[key]
         measured = {k: v for k, v in runs.items() if not k.endswith(":dense")}
-        kept = {k: v for k, v in stored.get("runs", {}).items() if k not in measured}
+        # Read again: another --merge run beside this one may have added rows since this one began.
+        now = json.loads((RESULTS / "robust.json").read_text()) if args.merge and (RESULTS / "robust.json").exists() \
+            else {}  # fmt: skip
+        kept = {k: v for k, v in now.get("runs", {}).items() if k not in measured}
         report(args, dense, {**kept, **measured})
 
     run_many(__file__, passed, jobs, args.jobs, args.threads, on_done)

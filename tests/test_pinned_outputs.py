@@ -95,7 +95,8 @@ def pruned_pair():
 def run_interleaved() -> str:
     model = make_tiny_model("llama")
     config = get_method("ebft").configure({"preset": "quick", "lr": 1e-3, "lr_scale": "absolute", "epochs": 2,
-                                           "batch_size": 2, "heldout": 2, "target": "sparse-path"})  # fmt: skip
+                                           "batch_size": 2, "heldout": 2, "target": "sparse-path",
+                                           "full_rate_steps": 0})  # fmt: skip
     prune_model(model, IDS, prune_config(), recover_steps=[EBFTStep(config)], keep_dense_outputs=True)
     return checksum(model)
 
@@ -112,10 +113,10 @@ def run_method(name: str, **options) -> str:
 RUNS = {
     "ebft-interleaved": run_interleaved,
     "ebft-two-step": lambda: run_method("ebft", preset="quick", lr=1e-3, lr_scale="absolute", epochs=2, batch_size=2,
-                                        heldout=2, target="sparse-path"),
+                                        heldout=2, target="sparse-path", full_rate_steps=0),
     "ebft-dense-path-early-stop": lambda: run_method(
         "ebft", preset="quick", epochs=3, batch_size=2, heldout=2, early_stop=1, target="dense-path", lr=5e-2,
-        lr_scale="absolute"
+        lr_scale="absolute", full_rate_steps=0
     ),
     "dsnot": lambda: run_method("dsnot", layers="all"),
     "squarehead": lambda: run_method("squarehead", epochs=1, batch_size=2),

@@ -300,3 +300,19 @@ def test_a_fit_redone_with_the_same_groups_takes_the_new_rate():
                    steps=1, seed=0)  # fmt: skip
         assert (not torch.equal(weight.detach(), before)) == moved
     assert groups == [{"params": [weight], "weight_decay": 0.0}]
+
+
+def test_a_short_fit_takes_a_lower_rate():
+    from sparsefit.recover.ebft import PRESETS, rate_for_steps
+
+    assert rate_for_steps(124, 124) == rate_for_steps(500, 124) == rate_for_steps(3, 0) == 1.0
+    assert rate_for_steps(28, 124) == pytest.approx((28 / 124) ** 0.5)
+    assert (PRESETS["quick"].full_rate_steps, PRESETS["cpu"].full_rate_steps) == (124, 56)
+    dense, sparse = pruned_pair()
+    # 8 windows, 2 held out, batch 2, 2 epochs: 6 steps per block, so the rate is sqrt(6 / 24) = 1/2 of 4e-3.
+    report = recover(dense, sparse, preset="quick", epochs=2, batch_size=2, heldout=2, lr=4e-3, full_rate_steps=24,
+                     retries=0)  # fmt: skip
+    assert [block["lr"] for block in report["blocks"]] == [pytest.approx(2e-3)] * 2
+    assert [block["steps"] for block in report["blocks"]] == [6, 6]
+    with pytest.raises(Exception, match="full_rate_steps"):
+        EBFTConfig(full_rate_steps=-1).validate()

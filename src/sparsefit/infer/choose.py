@@ -1,9 +1,9 @@
 """``kernels="auto"``: the sparse layer only where it decodes faster than the dense matmul, measured on this machine.
 
 Layers are grouped by (shape, density to 5 %, values, threads). A group not yet in the table is timed once at
-batch 1 (decoding), sparse against dense, over enough of its layers that their dense weights exceed the caches
-(one layer timed alone stays in the cache, which is not what decoding sees: there every weight comes from
-memory once per token). The ratio sparse / dense is cached
+batch 1 (decoding), sparse against dense, one pass over its layers (up to 96 MiB of dense weights) at a time, with
+the caches flushed before each pass: in decoding every weight comes from memory once per token, and a layer timed
+again and again from the cache would flatter whichever path reads more bytes. The ratio sparse / dense is cached
 in ``$SPARSEFIT_HOME/kernels/choices.json`` under this CPU's name and the kernel's instruction set, and the
 sparse layer is used where it is below 1.
 """
@@ -23,7 +23,8 @@ from sparsefit.assets import home
 from sparsefit.atomic import write_file_atomically
 from sparsefit.infer import kernel as compiled
 
-MEASURE_BYTES = 96 << 20  # dense bytes a group's timing cycles through: more than the last-level cache
+MEASURE_BYTES = 96 << 20  # dense bytes of a group's layers one timed pass goes through, at most
+FLUSH_BYTES = 128 << 20  # read before each pass: more than a last-level cache
 REPEATS = 5
 
 
@@ -85,12 +86,14 @@ def measure(layers: list[nn.Module], values: str, threads: int) -> float:
         if budget <= 0:
             break
     x = torch.randn(1, pairs[0][1].shape[1])
+    flush = torch.ones(FLUSH_BYTES // 4)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         def best(run: Callable[[SparseLinear, torch.Tensor], torch.Tensor]) -> float:
             times = []
             for _ in range(REPEATS + 1):  # the first pass warms up
+                flush.add_(1.0)  # evicts the group's weights: they come from memory, as in decoding
                 began = time.perf_counter()
                 for sparse, dense in pairs:
                     run(sparse, dense)
