@@ -162,21 +162,21 @@ def unpack(mask: torch.Tensor, values: torch.Tensor, row_start: torch.Tensor, sc
         raise RuntimeError(problem())
     dense = torch.empty(shape, dtype=torch.float32)
     lib.lib.sf_unpack(
-        mask.data_ptr(), values.data_ptr(), _KINDS[values.dtype], row_start.data_ptr(),
+        mask.data_ptr(), values.data_ptr(), KINDS[values.dtype], row_start.data_ptr(),
         scales.data_ptr() if scales is not None else None, dense.data_ptr(), shape[0], shape[1],
         lib.isa if isa is None else min(isa, lib.isa), threads if threads is not None else torch.get_num_threads(),
     )  # fmt: skip
     return dense
 
 
-_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # the kernel's value kinds by dtype
 
 
 def _call(lib: Kernel, x, mask, values, row_start, scales, bias, out_features, threads, isa) -> torch.Tensor:
     in_features = x.shape[-1]
     x2 = x.reshape(-1, in_features).contiguous()
     y = torch.empty(x2.shape[0], out_features, dtype=torch.float32)
-    kind = _KINDS[values.dtype]
+    kind = KINDS[values.dtype]
     lib.lib.sf_sparse_linear(
         mask.data_ptr(), values.data_ptr(), kind, row_start.data_ptr(),
         scales.data_ptr() if scales is not None else None, x2.data_ptr(),
