@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 
-def load(path, kernels: str = "auto", values: str = "float32", threads: int | None = None, trust_remote_code=False):
+def load(path, kernels: str = "auto", values: str | None = None, threads: int | None = None, trust_remote_code=False):
     """A sparse checkpoint as a transformers model with its pruned linears on the sparse CPU kernel
     (``kernels``: auto, sparse or dense); see :func:`sparsefit.infer.load.load`."""
     from sparsefit.infer.load import load as load_model

@@ -93,6 +93,9 @@ def sparsify(model: nn.Module, kernels: str = "auto", values: str = "float32", t
     """
     from sparsefit.models.adapters import weight_matrix
 
+    if kernels == "2:4":
+        raise UsageError("sparsify puts layers on the CPU's sparse layer (auto, sparse or dense); 2:4 kernels go "
+                         "through sparsefit.load(..., kernels='2:4')")  # fmt: skip
     check_choice(kernels, values)
     layers = pruned_layers(model)
     if kernels == "sparse" and not layers:
