@@ -203,12 +203,23 @@ def export_compressed(run_dir: str | os.PathLike, out: str | os.PathLike, overwr
     return save_compressed(model, out, tokenizer, overwrite=overwrite, extra_files=extra)
 
 
+def read_compressed_file(weights: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of a compressed weights file, its header checked first; a damaged file is one line."""
+    from safetensors import safe_open
+
+    read_safetensors_header(weights)
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            return {name: handle.get_tensor(name) for name in handle.keys()}, handle.metadata() or {}
+    except Exception as exc:  # safetensors' own error types for a damaged header or data
+        raise UsageError(f"{str(weights)!r} is not a readable safetensors file ({first_line(exc)})") from None
+
+
 def load_compressed(path: str | os.PathLike) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` from a compressed checkpoint folder, weights restored bit-exactly.
 
     The tokenizer is None when the folder has none. The model is on the CPU in eval mode.
     """
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
     from transformers.utils import logging as hf_logging
@@ -222,13 +233,7 @@ def load_compressed(path: str | os.PathLike) -> tuple[nn.Module, Any]:
         )
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    read_safetensors_header(weights)
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    except Exception as exc:  # safetensors' own error types for a damaged header or data
-        raise UsageError(f"{str(weights)!r} is not a readable safetensors file ({first_line(exc)})") from None
+    tensors, metadata = read_compressed_file(weights)
     state = decompress_state_dict(tensors, metadata, repr(str(weights)))
     try:
         config = AutoConfig.from_pretrained(folder)

@@ -50,7 +50,8 @@ def read_table() -> dict[str, float]:
     return {k: float(v) for k, v in data.items() if isinstance(v, int | float)} if isinstance(data, dict) else {}
 
 
-def _shape_density(layer: nn.Module) -> tuple[int, int, float]:
+def shape_density(layer: nn.Module) -> tuple[int, int, float]:
+    """``(out, in, share of weights kept)`` of a dense block linear or a :class:`SparseLinear`."""
     from sparsefit.infer.sparse_linear import SparseLinear
     from sparsefit.models.adapters import weight_matrix
 
@@ -113,7 +114,7 @@ def choose_sparse(layers: dict[str, nn.Module], values: str, threads: int, table
     cached = read_table() if table is None else table
     groups: dict[str, list[str]] = {}
     for name, layer in layers.items():
-        groups.setdefault(group_key(*_shape_density(layer), values, threads), []).append(name)
+        groups.setdefault(group_key(*shape_density(layer), values, threads), []).append(name)
     measured = {}
     for key, names in groups.items():
         if key not in cached:

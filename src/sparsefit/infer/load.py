@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparsefit.errors import UsageError, first_line
+from sparsefit.errors import UsageError
 from sparsefit.infer import kernel as compiled
-from sparsefit.infer.choose import choose_sparse
+from sparsefit.infer.choose import choose_sparse, shape_density
 from sparsefit.infer.sparse_linear import VALUES, SparseLinear
 
 KERNELS = ("auto", "sparse", "dense", "2:4")  # 2:4: torch's semi-structured GPU kernels
@@ -71,15 +71,11 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
 
 def pruned_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The decoder blocks' linears that keep less than :data:`PRUNED_BELOW` of their weights, by name."""
-    from sparsefit.models.adapters import weight_matrix
-
     out = {}
     for name, layer in decoder_linears(model).items():
-        if isinstance(layer, SparseLinear):
-            out[name] = layer
-            continue
-        weight = weight_matrix(layer)
-        if weight.device.type != "meta" and float((weight != 0).float().mean()) < PRUNED_BELOW:
+        # A sparse layer is pruned whatever it keeps (the compressed export stores a weight sparse only when smaller)
+        sparse = isinstance(layer, SparseLinear)
+        if sparse or layer.weight.device.type != "meta" and shape_density(layer)[2] < PRUNED_BELOW:
             out[name] = layer
     return out
 
@@ -142,19 +138,11 @@ def weight_bytes(model: nn.Module, as_dense: bool = False) -> int:
 
 def _load_compressed_sparse(folder: Path, values: str) -> nn.Module:
     """A compressed export with its linear layers built from the stored bitmask and values (no dense copy)."""
-    from safetensors import safe_open
-
-    from sparsefit.export.compressed import WEIGHTS_FILE, decompress_state_dict
-    from sparsefit.models.loading import meta_model, read_safetensors_header
+    from sparsefit.export.compressed import WEIGHTS_FILE, decompress_state_dict, read_compressed_file
+    from sparsefit.models.loading import meta_model
 
     weights = folder / WEIGHTS_FILE
-    read_safetensors_header(weights)
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    except Exception as exc:  # safetensors' own error types for a damaged header or data
-        raise UsageError(f"{str(weights)!r} is not a readable safetensors file ({first_line(exc)})") from None
+    tensors, metadata = read_compressed_file(weights)
     model = meta_model(folder, torch.float32)
     compressed = json.loads(metadata.get("compressed", "{}"))
     modules = dict(model.named_modules())

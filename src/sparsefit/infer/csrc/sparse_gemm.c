@@ -242,8 +242,6 @@ static void unpack_portable(const uint8_t *mask, const void *values, int kind, c
     }
 }
 
-static int tables_built = 0;
-
 /* 3: AVX-512F (and AVX2 + FMA), 2: AVX2 + FMA, 0: the portable path. */
 int sf_isa(void) {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -255,12 +253,67 @@ int sf_isa(void) {
     return 0;
 }
 
-int sf_threads_available(void) {
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
+/* One call's arguments: what each chunk of rows needs (y is the output, or the dense matrix of sf_unpack). */
+typedef struct {
+    const uint8_t *mask;
+    const void *values;
+    int kind;
+    const int64_t *row_start;
+    const float *scales, *x, *bias;
+    float *y;
+    int64_t out, in, batch;
+    int isa;
+} Job;
+
+/* Splits the rows into chunks over OpenMP threads and runs rows(job, first, last) on each: the one place that
+ * parallelises, for the product and for the unpack. The AVX2 tables are built first (idempotent: racing first
+ * calls write the same entries). */
+static void for_row_chunks(const Job *job, int threads, void (*rows)(const Job *, int64_t, int64_t)) {
+#if defined(__x86_64__) || defined(_M_X64)
+    static int tables_built = 0;
+    if (job->isa >= 2 && !tables_built) {
+        build_tables();
+        tables_built = 1;
+    }
 #endif
+    const int64_t chunk = 16; /* rows per task: enough work per task, enough tasks to balance threads */
+    const int64_t tasks = (job->out + chunk - 1) / chunk;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1) if (threads > 1 && tasks > 1)
+#else
+    (void)threads;
+#endif
+    for (int64_t task = 0; task < tasks; task++) {
+        int64_t first = task * chunk, last = first + chunk < job->out ? first + chunk : job->out;
+        rows(job, first, last);
+    }
+}
+
+static void linear_rows(const Job *j, int64_t first, int64_t last) {
+#if defined(__x86_64__) || defined(_M_X64)
+    if (j->isa >= 3 && j->kind == VALUES_F32 && j->in % 16 == 0 && !j->scales) {
+        rows_avx512(j->mask, (const float *)j->values, j->row_start, j->x, j->bias, j->y, j->out, j->in, j->batch,
+                    first, last);
+        return;
+    }
+    if (j->isa >= 2 && j->in % 8 == 0) {
+        rows_avx2(j->mask, j->values, j->kind, j->row_start, j->scales, j->x, j->bias, j->y, j->out, j->in,
+                  j->batch, first, last);
+        return;
+    }
+#endif
+    rows_portable(j->mask, j->values, j->kind, j->row_start, j->scales, j->x, j->bias, j->y, j->out, j->in,
+                  j->batch, first, last);
+}
+
+static void unpack_rows(const Job *j, int64_t first, int64_t last) {
+#if defined(__x86_64__) || defined(_M_X64)
+    if (j->isa >= 2 && j->in % 8 == 0) {
+        unpack_avx2(j->mask, j->values, j->kind, j->row_start, j->scales, j->y, j->in, first, last);
+        return;
+    }
+#endif
+    unpack_portable(j->mask, j->values, j->kind, j->row_start, j->scales, j->y, j->in, first, last);
 }
 
 /* isa: what sf_isa() returned, or lower to force a path (2: AVX2, 0: portable); threads: OpenMP threads (ignored
@@ -268,68 +321,13 @@ int sf_threads_available(void) {
 void sf_sparse_linear(const uint8_t *mask, const void *values, int kind, const int64_t *row_start,
                       const float *scales, const float *x, const float *bias, float *y, int64_t out, int64_t in,
                       int64_t batch, int isa, int threads) {
-#if defined(__x86_64__) || defined(_M_X64)
-    if (isa >= 2 && !tables_built) {
-        build_tables(); /* idempotent: racing first calls write the same entries */
-        tables_built = 1;
-    }
-    const int wide = isa >= 3 && kind == VALUES_F32 && in % 16 == 0 && !scales;
-    const int vector = isa >= 2 && in % 8 == 0;
-#else
-    const int vector = 0;
-    (void)isa;
-#endif
-    const int64_t chunk = 16; /* rows per task: enough work per task, enough tasks to balance threads */
-    const int64_t tasks = (out + chunk - 1) / chunk;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1) if (threads > 1 && tasks > 1)
-#else
-    (void)threads;
-#endif
-    for (int64_t task = 0; task < tasks; task++) {
-        int64_t first = task * chunk, last = first + chunk < out ? first + chunk : out;
-#if defined(__x86_64__) || defined(_M_X64)
-        if (wide) {
-            rows_avx512(mask, (const float *)values, row_start, x, bias, y, out, in, batch, first, last);
-            continue;
-        }
-        if (vector) {
-            rows_avx2(mask, values, kind, row_start, scales, x, bias, y, out, in, batch, first, last);
-            continue;
-        }
-#endif
-        rows_portable(mask, values, kind, row_start, scales, x, bias, y, out, in, batch, first, last);
-    }
+    const Job job = {mask, values, kind, row_start, scales, x, bias, y, out, in, batch, isa};
+    for_row_chunks(&job, threads, linear_rows);
 }
 
 /* The weight as a dense row-major [out, in] float32 matrix (prefill multiplies it with torch's matmul). */
 void sf_unpack(const uint8_t *mask, const void *values, int kind, const int64_t *row_start, const float *scales,
                float *dense, int64_t out, int64_t in, int isa, int threads) {
-#if defined(__x86_64__) || defined(_M_X64)
-    if (isa >= 2 && !tables_built) {
-        build_tables();
-        tables_built = 1;
-    }
-    const int vector = isa >= 2 && in % 8 == 0;
-#else
-    const int vector = 0;
-    (void)isa;
-#endif
-    const int64_t chunk = 16;
-    const int64_t tasks = (out + chunk - 1) / chunk;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1) if (threads > 1 && tasks > 1)
-#else
-    (void)threads;
-#endif
-    for (int64_t task = 0; task < tasks; task++) {
-        int64_t first = task * chunk, last = first + chunk < out ? first + chunk : out;
-#if defined(__x86_64__) || defined(_M_X64)
-        if (vector) {
-            unpack_avx2(mask, values, kind, row_start, scales, dense, in, first, last);
-            continue;
-        }
-#endif
-        unpack_portable(mask, values, kind, row_start, scales, dense, in, first, last);
-    }
+    const Job job = {mask, values, kind, row_start, scales, NULL, NULL, dense, out, in, 1, isa};
+    for_row_chunks(&job, threads, unpack_rows);
 }
