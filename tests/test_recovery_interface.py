@@ -30,7 +30,7 @@ def pruned(workspace, tmp_path_factory):  # noqa: F811
 
 TRAIN_FAST = ["--epochs", 1, "--train-batch", 2]
 FAST = {"ebft": TRAIN_FAST, "dsnot": ["-o", "layers=all"], "squarehead": TRAIN_FAST, "lora": TRAIN_FAST,
-        "s2ft": TRAIN_FAST}  # fmt: skip
+        "s2ft": TRAIN_FAST, "full": TRAIN_FAST}  # fmt: skip
 
 
 @pytest.mark.parametrize("method", list(METHODS))

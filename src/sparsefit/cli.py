@@ -194,7 +194,7 @@ def run(
 @app.command("recover")
 def recover_(
     run_dir: Path = typer.Argument(..., help="a sparse run folder (from sparsefit prune)"),
-    method: str = typer.Option(defaults.RECOVER_METHOD, help="ebft, dsnot, squarehead, lora or s2ft"),
+    method: str = typer.Option(defaults.RECOVER_METHOD, help="ebft, dsnot, squarehead, lora, s2ft or full"),
     teacher: str = typer.Option(None, help="dense model; default: the source model recorded in run.json"),
     calib: str = typer.Option(None, help="calibration corpus; default: the one the masks were made with"),
     nsamples: int = typer.Option(None, help="calibration windows; default: as in run.json"),
@@ -309,6 +309,41 @@ def compare(
     typer.echo((out / "compare.md").read_text())
 
 
+@app.command()
+def finetune(
+    model: str = typer.Option("smollm2-135m", help="dense model (built-in, folder, .gguf, hub id) or a run folder"),
+    data: str = typer.Option(..., help="training data: arithmetic, or a .jsonl of prompt/completion or messages"),
+    method: str = typer.Option("full", help="full, lora, s2ft or squarehead"),
+    teacher: str = typer.Option(None, help="squarehead: the dense model tuned on the task (default: the run's "
+                                           "source model, with a warning)"),
+    epochs: int = typer.Option(None, help=f"passes over the training examples (default {defaults.FINETUNE_EPOCHS})"),
+    lr: float = typer.Option(None, help="learning rate (default: the method's preset)"),
+    train_batch: int = typer.Option(None, help=f"examples per optimizer step (default {defaults.FINETUNE_BATCH})"),
+    max_examples: int = typer.Option(None, help="train on the first N training examples"),
+    max_length: int = typer.Option(defaults.FINETUNE_MAX_LENGTH, help="tokens per example (longer: cut, counted)"),
+    chat_template: bool = typer.Option(True, help="conversations ({messages}) through the tokenizer's chat template"),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+    option: list[str] = OPTION,
+    out: Path = typer.Option(..., help="output run folder"),
+    overwrite: bool = typer.Option(False),
+) -> None:
+    """Fine-tune a dense or sparse model on a task, masks kept; the loss is on the completions."""
+    from sparsefit.app.finetune import run_finetune
+
+    if max_examples is not None and max_examples <= 0:
+        raise UsageError(f"--max-examples {max_examples} must be a positive number of examples")
+    options = finite_options(lr=lr, epochs=epochs, batch_size=train_batch)
+    options = {k: v for k, v in options.items() if v is not None}
+    options.update(parse_options(option))
+    run = run_finetune(model, data, method, out, options, teacher=teacher, max_examples=max_examples,
+                       max_length=max_length, chat_template=chat_template, seed=seed, device=device,
+                       overwrite=overwrite, progress=bar, warn=lambda line: typer.echo(f"warning: {line}", err=True))
+    data_summary = run["data"]
+    typer.echo(f"wrote {out} ({method}: {_recovery_line(run['report'])}; {data_summary['examples']} examples, "
+               f"{data_summary['cut']} cut and {data_summary['dropped']} dropped at {max_length} tokens)")
+
+
 @app.command("eval")
 def eval_(
     model: str = typer.Argument(..., help="run folder, local folder, built-in name, .gguf file or hub id"),
@@ -316,8 +351,10 @@ def eval_(
                                        f"{','.join(defaults.EVAL_CORPORA)}, or none when --tasks are given"),
     seqlen: int = typer.Option(1024, help="tokens per perplexity window"),
     max_tokens: int = typer.Option(None, help="evaluate only the first N test tokens"),
-    tasks: str = typer.Option("", help="zero-shot tasks, e.g. arc_easy,piqa"),
-    limit: int = typer.Option(None, help="zero-shot: first N documents per task"),
+    tasks: str = typer.Option("", help="zero-shot tasks (e.g. arc_easy,piqa) and generative ones, scored by exact "
+                                      "match: arithmetic or a .jsonl file (its held-out part)"),
+    limit: int = typer.Option(None, help="first N documents per task"),
+    chat_template: bool = typer.Option(True, help="generative tasks: conversations through the chat template"),
     device: str = typer.Option("auto"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
     record: bool = typer.Option(False, "--record", help="also store the results in the run folder's run.json"),
@@ -325,6 +362,8 @@ def eval_(
     """Perplexity (WikiText-2 protocol, seqlen printed with every number) and zero-shot accuracy."""
     from sparsefit.app.jobs import check_evaluation, evaluate_model, evaluate_streamed, parse_list
     from sparsefit.data import get_corpus
+    from sparsefit.data.task import load_examples
+    from sparsefit.evaluate.exact_match import is_generative
     from sparsefit.evaluate.zeroshot import parse_tasks
     from sparsefit.models import load
     from sparsefit.models.loading import streamable
@@ -337,14 +376,18 @@ def eval_(
     check_evaluation(seqlen, max_tokens)  # every setting before the model loads
     for name in parse_list(ppl):
         get_corpus(name)
-    if parse_list(tasks):
-        parse_tasks(tasks)
+    generative = [name for name in parse_list(tasks) if is_generative(name)]
+    for name in generative:
+        load_examples(name, "test", limit)  # the data is read and checked before the model loads
+    zero_shot = [name for name in parse_list(tasks) if not is_generative(name)]
+    if zero_shot:
+        parse_tasks(",".join(zero_shot))
     if record:
         from sparsefit.export.run_folder import check_run_folder
 
         check_run_folder(model)  # before any work: --record needs a run folder
     device_ = resolve_device(device)
-    folder = streamable(model)
+    folder = streamable(model) if not generative else None  # generation loads the model whole
     if folder is not None:
         # A local safetensors folder is walked block by block: any size fits.
         results = evaluate_streamed(folder, ppl=parse_list(ppl), seqlen=seqlen, max_tokens=max_tokens,
@@ -353,7 +396,7 @@ def eval_(
         loaded = load(model)
         results = evaluate_model(loaded.model, loaded.tokenizer, ppl=parse_list(ppl), seqlen=seqlen,
                                  max_tokens=max_tokens, tasks=parse_list(tasks), limit=limit, device=device_,
-                                 progress=bar)  # fmt: skip
+                                 progress=bar, chat_template=chat_template)  # fmt: skip
     if record:
         from sparsefit.app.jobs import record_results
 
@@ -366,7 +409,7 @@ def eval_(
         for name, r in results.get("ppl", {}).items()
     ]
     rows += [
-        [task, " / ".join(f"{k} {v:.4f}" for k, v in r.items() if k != "n"), f"n {r['n']}"]
+        [task, " / ".join(f"{k} {v:.4f}" for k, v in r.items() if k != "n" and isinstance(v, float)), f"n {r['n']}"]
         for task, r in results.get("tasks", {}).items()
     ]
     _echo_table(f"evaluation of {model}", ["metric", "value", "on"], rows)

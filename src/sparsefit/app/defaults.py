@@ -29,6 +29,13 @@ COMPARE_METHODS = ("none", "dsnot", "ebft", "squarehead", "lora", "s2ft")
 COMPARE_EPOCHS = 4  # compare's default budget: this many passes over the calibration windows, for every method
 
 
+# `sparsefit finetune`: one pass over the task's training examples in batches of 8, each at most 256 tokens (over
+# the method's preset when none is named; a named preset keeps its own epochs and batch).
+FINETUNE_EPOCHS = 1
+FINETUNE_BATCH = 8
+FINETUNE_MAX_LENGTH = 256
+
+
 def calibration(config: PruneConfig) -> dict:
     """The calibration part of a prune config, as recorded in run.json."""
     return {"calib": config.calib, "nsamples": config.nsamples, "seqlen": config.seqlen, "seed": config.seed}

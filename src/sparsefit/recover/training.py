@@ -24,9 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsefit.data.task import TaskBatch, TaskSet
 from sparsefit.distributed import WindowShard, all_reduce_sum, sum_values
 from sparsefit.errors import UsageError, check
 from sparsefit.progress import Update
+from sparsefit.walk.masks import Masks, apply_masks, mask_gradients, model_layers, pruned_count
 
 
 @dataclass
@@ -205,12 +207,25 @@ def plan_steps(budget_tokens: int | None, n_windows: int, seqlen: int, batch_siz
     return epochs * math.ceil(n_windows / batch_size)
 
 
-def batch_order(n_windows: int, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
-    """Window indices for ``steps`` batches: reshuffled epochs (the last batch of an epoch may be short)."""
+GROUP_BY_LENGTH = 50  # examples of different lengths: batches drawn from runs of 50 batches sorted by length
+
+
+def batch_order(n_windows: int, batch_size: int, steps: int, seed: int,
+                lengths: Sequence[int] | None = None) -> Iterator[torch.Tensor]:  # fmt: skip
+    """Window indices for ``steps`` batches: reshuffled epochs (the last batch of an epoch may be short).
+
+    With ``lengths`` (task examples), batches are grouped by length as the Hugging Face Trainer's
+    ``group_by_length`` does: each epoch's permutation is cut into runs of ``GROUP_BY_LENGTH`` batches, each run is
+    sorted by length (longest first), so a batch pads little and the order stays random across runs."""
     generator = torch.Generator().manual_seed(seed)
     done = 0
     while done < steps:
         order = torch.randperm(n_windows, generator=generator)
+        if lengths is not None:
+            run = GROUP_BY_LENGTH * batch_size
+            order = torch.cat([part[torch.argsort(torch.tensor([lengths[i] for i in part.tolist()]),
+                                                  descending=True, stable=True)]
+                               for part in order.split(run)])  # fmt: skip
         for start in range(0, n_windows, batch_size):
             if done >= steps:
                 return
@@ -269,6 +284,7 @@ def train_loop(
     initial_heldout: float | None = None,
     progress: Update | None = None,
     shard: WindowShard | None = None,
+    lengths: Sequence[int] | None = None,
 ) -> FitLog:
     """AdamW on ``params`` minimising ``loss_of(indices of a batch of training windows)`` for ``steps`` steps.
 
@@ -283,6 +299,7 @@ def train_loop(
     follow one process's global order, ``loss_of`` gets the local positions of the batch's windows this rank holds
     (weighted by their share of the batch, as micro-batches are), and the gradients and the loss are summed over
     the ranks before clipping, so every rank takes the same step. ``heldout_loss`` must reduce over the ranks.
+    ``lengths`` (task examples of different lengths): batches grouped by length (:func:`batch_order`).
     """
     shard = shard if shard is not None else WindowShard(n_train)
     # torch.optim writes its defaults (the lr among them) into a group dict: a copy keeps the caller's groups
@@ -309,7 +326,7 @@ def train_loop(
     running, in_epoch = 0.0, 0
     began = time.perf_counter()
     try:
-        for step, index in enumerate(batch_order(n_train, config.batch_size, steps, seed)):
+        for step, index in enumerate(batch_order(n_train, config.batch_size, steps, seed, lengths)):
             if step % per_epoch == 0:
                 module.train()
             mine = shard.local(index)  # the whole batch in one process
@@ -433,6 +450,9 @@ def fit_model(
 ) -> dict:
     """Train a whole model: ``loss_fn(batch_ids)`` on the calibration windows (the last ``heldout`` held out).
 
+    ``calib_ids`` may also be a :class:`~sparsefit.data.task.TaskSet` of task examples: ``loss_fn`` then gets a
+    :class:`~sparsefit.data.task.TaskBatch` (tokens, attention mask, labels) and batches are grouped by length.
+
     ``probe_fn`` (default ``loss_fn``) measures the loss on the first ``probe_windows`` windows in eval mode
     before and after: the number a test (and a user) checks to see that training did something.
 
@@ -462,9 +482,10 @@ def fit_model(
     log = train_loop(
         model, params, on_windows(loss_fn), n_train, config, steps=steps, seed=config.seed, after_step=after_step,
         heldout_loss=held, initial_heldout=held() if held else None, progress=progress, shard=shard,
+        lengths=getattr(calib_ids, "lengths", None)[:n_train] if isinstance(calib_ids, TaskSet) else None,
     )  # fmt: skip
     result = log.to_dict()
-    result["tokens"] = log.windows * seqlen
+    result["tokens"] = log.windows * seqlen  # task examples: an upper bound (seqlen is the longest example)
     result["tokens_per_s"] = result["tokens"] / log.time_s if log.time_s else 0.0
     result["initial_loss"] = initial
     result["final_loss"] = probe_loss(probe)
@@ -477,8 +498,55 @@ def fit_model(
     return result
 
 
-def causal_lm_loss(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean next-token cross-entropy over real tokens (padding, where a mask says so, is ignored)."""
+def fit_masked(
+    model: nn.Module,
+    loss_fn: Callable,
+    calib_ids: torch.Tensor | TaskSet,
+    config: TrainConfig,
+    masks: Masks,
+    *,
+    steps: int,
+    device: torch.device,
+    train_embeddings: bool = True,
+    progress: Update | None = None,
+) -> tuple[dict, int]:
+    """Train every parameter of ``model`` (embeddings too unless ``train_embeddings`` is False) by
+    :func:`fit_model`, keeping ``masks``: pruned weights get zero gradients before clipping and are zeroed again
+    after every step, so they end exactly zero. Returns the fit's report and the number of trained parameters
+    (the kept linear weights plus every other trained parameter). The model ends on the CPU."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    hooks: list = []
+    model.to(device)
+    try:
+        for param in model.parameters():
+            param.requires_grad_(True)
+        if not train_embeddings:
+            for module in model.get_input_embeddings(), model.get_output_embeddings():
+                if module is not None:
+                    module.weight.requires_grad_(False)
+        params = [p for p in model.parameters() if p.requires_grad]
+        hooks = mask_gradients(model_layers(model), masks)  # before clipping sees them
+        log = fit_model(model, params, loss_fn, calib_ids, config, steps=steps, device=device,
+                        after_step=lambda: apply_masks(model, masks), progress=progress)  # fmt: skip
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        model.to("cpu")
+    apply_masks(model, masks)
+    linear = {id(layer.weight) for layer in model_layers(model).values()}
+    kept = sum(keep.numel() for keep in masks.values()) - pruned_count(masks)
+    return log, kept + sum(p.numel() for p in params if id(p) not in linear)
+
+
+def causal_lm_loss(model: nn.Module, ids: torch.Tensor | TaskBatch,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Mean next-token cross-entropy over real tokens (padding, where a mask says so, is ignored); for a
+    :class:`TaskBatch`, over its completion tokens only."""
+    if isinstance(ids, TaskBatch):
+        return model(input_ids=ids.input_ids, attention_mask=ids.attention_mask, labels=ids.labels,
+                     use_cache=False).loss  # fmt: skip
     labels = ids if attention_mask is None else ids.masked_fill(attention_mask == 0, -100)
     return model(input_ids=ids, attention_mask=attention_mask, labels=labels, use_cache=False).loss
 

@@ -1,0 +1,157 @@
+"""`sparsefit finetune`: fine-tune a dense or sparse model on a task (prompt / completion data), masks kept.
+
+The methods are the recovery methods that train the whole model (``full``, ``lora``, ``s2ft``, ``squarehead``),
+run in the one training loop on task examples instead of calibration windows: the loss is on the completion
+tokens, batches are grouped by length. A sparse model keeps its masks under every method (LoRA and S²FT merge
+their update and mask it). SquareHead distils from a teacher: ``--teacher`` (the paper's is the dense model tuned on
+the task), else the dense model the run was pruned from, with a warning.
+
+Every input is checked before a model loads: the method and its options, the data (every line of a JSONL), the
+limits, the output folder, and the teacher's configuration against the model's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from sparsefit.app import defaults
+from sparsefit.app.jobs import choose_method, recovery_files, save_run, timed, versions
+from sparsefit.atomic import check_output
+from sparsefit.data.task import encode_examples, load_examples
+from sparsefit.errors import UsageError, check
+from sparsefit.export.run_folder import read_pattern, read_run
+from sparsefit.models import load
+from sparsefit.models.loading import resolve
+from sparsefit.progress import Bar, silent
+from sparsefit.prune import parse_pattern, sparsity_summary
+from sparsefit.recover import RecoveryContext
+from sparsefit.recover.base import AUTO
+from sparsefit.walk import resolve_device
+from sparsefit.walk.targets import check_teacher
+
+METHODS = ("full", "lora", "s2ft", "squarehead")
+# What a teacher must share with the student for SquareHead's hidden-state loss (read from config.json).
+TEACHER_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
+
+
+def _config_json(spec: str) -> dict | None:
+    """The model's config.json when ``spec`` is a local folder (or a built-in's converted copy), else None."""
+    folder = resolve(spec)
+    path = folder / "config.json" if folder is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_teacher_config(model: str, teacher: str) -> None:
+    """One line when the teacher's vocabulary, width or depth differs from the model's (before either loads)."""
+    mine, theirs = _config_json(model), _config_json(teacher)
+    if mine is None or theirs is None:
+        return  # a hub id: checked once loaded
+    text = mine.get("text_config", mine), theirs.get("text_config", theirs)
+    for key in TEACHER_KEYS:
+        if text[0].get(key) != text[1].get(key):
+            raise UsageError(f"teacher {teacher!r} has {key} {text[1].get(key)!r}, the model {model!r} "
+                             f"{text[0].get(key)!r}; give the dense model of the same architecture and vocabulary")
+
+
+def _source_of(model: str) -> tuple[str | None, str]:
+    """(the dense model a run folder was pruned from, its sparsity pattern); (None, unstructured) otherwise."""
+    path = Path(model).expanduser()
+    if (path / "run.json").is_file() and (path / "sparsity.json").is_file():
+        run, sparsity = read_run(path)
+        return run.get("source_model"), sparsity.get("pattern", "unstructured")
+    if path.is_dir():
+        return None, read_pattern(path)
+    return None, "unstructured"
+
+
+def run_finetune(
+    model: str,
+    data: str,
+    method_name: str,
+    out: Path,
+    options: dict | None = None,
+    *,
+    teacher: str | None = None,
+    max_examples: int | None = None,
+    max_length: int = defaults.FINETUNE_MAX_LENGTH,
+    chat_template: bool = True,
+    seed: int = 0,
+    device: str = "auto",
+    overwrite: bool = False,
+    progress: Bar = silent,
+    warn: Callable[[str], None] | None = None,
+) -> dict:
+    """Fine-tune ``model`` on the ``train`` part of ``data`` with ``method_name``; write a run folder to ``out``.
+
+    ``warn(line)`` hears, before the model loads, what the run will do that a user may not expect (it is also
+    recorded in run.json)."""
+    check(method_name in METHODS, f"finetune method {method_name!r} is not one of {', '.join(METHODS)}")
+    check(isinstance(max_length, int) and max_length >= 2,
+          f"max length {max_length!r} must be at least 2 tokens")  # fmt: skip
+    examples = load_examples(data, "train", max_examples)  # every line checked, before any model loads
+    device_ = resolve_device(device)
+    source, pattern = _source_of(model)
+    options = dict(options or {})
+    if options.get("preset") in (None, AUTO):  # a named preset keeps its own epochs and batch
+        options = {"epochs": defaults.FINETUNE_EPOCHS, "batch_size": defaults.FINETUNE_BATCH, **options}
+    method, config = choose_method(method_name, options, len(examples), device_, pattern=pattern, seed=seed)
+    warning = None
+    if method_name == "squarehead":
+        if teacher is None and source is not None:
+            warning = (f"squarehead distils from {source!r}, the dense model this run was pruned from; the paper's "
+                       "teacher is the dense model fine-tuned on the task (pass --teacher)")
+        teacher = teacher or source
+        check(teacher is not None, f"squarehead distils from a teacher: {model!r} records no dense source model; "
+                                   "pass --teacher (the dense model tuned on the task)")  # fmt: skip
+    elif teacher is not None:
+        raise UsageError(f"--teacher is for squarehead; {method_name} trains without one")
+    inputs = [("model", model), ("task data", data), ("teacher", teacher)]
+    check_output(out, overwrite, inputs)
+    if teacher is not None:
+        check_teacher_config(model, teacher)
+    if warning and warn is not None:
+        warn(warning)
+    timings: dict[str, float] = {}
+    with timed(timings, "load_s"):
+        loaded = load(model)
+        dense = load(teacher) if teacher is not None else None
+    if dense is not None:
+        check_teacher(loaded.model, dense.model, same_shapes=not parse_pattern(pattern).slim)
+        vocab = [m.get_input_embeddings().weight.shape[0] for m in (loaded.model, dense.model)]
+        check(vocab[0] == vocab[1], f"teacher {teacher!r} has a vocabulary of {vocab[1]} tokens, the model "
+                                    f"{vocab[0]}; give the dense model of the same vocabulary")  # fmt: skip
+    with timed(timings, "tokenize_s"):
+        train = encode_examples(loaded.tokenizer, examples, max_length, chat_template)
+    # The batch is checked again: examples dropped for length may leave fewer than it.
+    config.validate(method_name, len(train))
+    ctx = RecoveryContext(
+        model=loaded.model, teacher=dense.model if dense is not None else loaded.model, tokenizer=loaded.tokenizer,
+        calib_ids=train, pattern=parse_pattern(pattern), device=device_, seed=seed, progress=progress,
+    )  # fmt: skip
+    with timed(timings, "finetune_s"):
+        report = method.run(ctx, config)
+    report["data"] = train.summary()
+    sparsity = sparsity_summary(loaded.model, pattern)
+    run = {
+        "command": "finetune",
+        "source_model": source or model,
+        "source_run": model if source else None,
+        "config": {"data": data, "max_examples": max_examples, "max_length": max_length,
+                   "chat_template": chat_template, "seed": seed, "device": device, "teacher": teacher},  # fmt: skip
+        "finetune": {"method": method_name, **config.to_dict()},
+        "data": train.summary(),
+        "versions": versions(),
+        "timings": timings,
+        "results": {"sparsity": sparsity["overall"]},
+        "warnings": [warning] if warning else [],
+    }
+    save_run(out, loaded.model, loaded.tokenizer, run, sparsity, overwrite=overwrite,
+             extra_files=recovery_files(method, report))  # fmt: skip
+    return {**run, "report": report}

@@ -1,0 +1,269 @@
+"""Task fine-tuning (issue 23): task data and its tokens, the loss on completions, `sparsefit finetune` with every
+method keeping the masks, exact-match scoring by greedy generation, and bad input refused in one line."""
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_byte_tokenizer, make_tiny_model
+from sparsefit.data.task import (
+    ARITHMETIC_TEST,
+    Example,
+    TaskSet,
+    encode_examples,
+    load_examples,
+)
+from sparsefit.errors import UsageError
+from sparsefit.evaluate.exact_match import GenerativeTask, exact_match, first_number, greedy_generate
+from sparsefit.recover.training import batch_order, causal_lm_loss
+from test_cli import cli, private_cache, prune_args  # noqa: F401  (the fixtures are shared)
+from test_cli_errors import one_line_error
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def sums(n=40, seed=0):
+    rng = random.Random(seed)
+    pairs = [(rng.randrange(10), rng.randrange(10)) for _ in range(n)]
+    return [{"prompt": f"{a}+{b}=", "completion": f" {a + b}"} for a, b in pairs]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    model = make_tiny_model("llama", layers=2)
+    tokenizer = make_byte_tokenizer()
+    model.save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly bakers".split()
+    (root / "corpus.txt").write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(120)) for _ in range(30)))
+    write_jsonl(root / "sums.jsonl", sums())
+    return root
+
+
+# --- data ------------------------------------------------------------------------------------------------------
+
+
+def test_arithmetic_has_the_documented_split():
+    train, test = load_examples("arithmetic", "train"), load_examples("arithmetic", "test")
+    every = load_examples("arithmetic", "all")
+    assert (len(train), len(test), ARITHMETIC_TEST) == (2400, 600, 600) and len(every) == 3000
+    assert every[0] == Example("Calculate 5 + 91 =", " 96")  # labelled choice D of the first row
+    assert all(e.completion.startswith(" ") and first_number(e.completion) == e.answer for e in every)
+    assert sorted(map(every.index, train + test)) == list(range(3000))  # the two parts, each in file order
+    assert train == sorted(train, key=every.index) and test == sorted(test, key=every.index)
+    # The file runs from easy addition to hard division: the hashed split puts every kind in both parts.
+    for op in " + ", " - ", " * ", " / ":
+        share = sum(op in e.prompt for e in test) / 600
+        assert abs(share - sum(op in e.prompt for e in train) / 2400) < 0.05, op
+    assert load_examples("arithmetic", "test", limit=5) == test[:5]
+
+
+def test_jsonl_forms_and_their_split(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        *sums(8),
+        {"messages": [{"role": "user", "content": "2+2="}, {"role": "assistant", "content": "4"}]},
+        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "3+3="},
+                      {"role": "assistant", "content": "6"}]},
+    ])  # fmt: skip
+    every = load_examples(str(path), "all")
+    assert len(every) == 10 and len(load_examples(str(path), "test")) == 2  # the last fifth
+    assert load_examples(str(path), "train") == every[:8]
+    chat = every[-1]
+    assert chat.prompt == "be brief\n3+3=\n" and chat.completion == "6" and chat.messages[-1] == ("assistant", "6")
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"text": "no fields"}, "neither string"),
+    ({"prompt": "p", "completion": "  "}, "completion is empty"),
+    ({"messages": [{"role": "user", "content": "only one"}]}, "at least two"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}, "is empty"),
+])  # fmt: skip
+def test_bad_jsonl_lines_are_one_line_errors_naming_the_line(tmp_path, record, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", [*sums(3), record])
+    with pytest.raises(UsageError, match=f"line 4.*{message}|{message}"):
+        load_examples(str(path))
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{not json\n')
+    with pytest.raises(UsageError, match="line 2 is not valid JSON"):
+        load_examples(str(tmp_path / "broken.jsonl"))
+    with pytest.raises(UsageError, match="unknown task data 'nope'"):
+        load_examples("nope")
+    with pytest.raises(UsageError, match="max examples 0"):
+        load_examples(str(path), limit=0)
+
+
+def test_labels_cover_the_completion_only_and_long_examples_are_counted():
+    tokenizer = make_byte_tokenizer()
+    examples = [Example("12+3=", " 15"), Example("x" * 40, " y"), Example("1+1=", " 2" + "0" * 30)]
+    data = encode_examples(tokenizer, examples, max_length=20)
+    assert (data.dropped, data.cut, len(data)) == (1, 1, 2)  # the 40-byte prompt fills 20 tokens; the long answer cut
+    batch = data[torch.tensor([0, 1])]
+    first = data.ids[0]
+    encode = tokenizer.encode
+    assert first == [*encode("12+3="), *encode(" 15"), tokenizer.eos_token_id]  # prompt, completion, EOS
+    assert batch.labels[0, :5].eq(-100).all() and batch.labels[0, 5:9].tolist() == first[5:]
+    assert batch.attention_mask[0].sum() == 9 and batch.input_ids[0, 9:].eq(tokenizer.pad_token_id).all()
+    assert batch.labels[1].ne(-100).sum() == 20 - 4  # the cut answer: 16 tokens, no EOS left
+    assert isinstance(data[0:1], TaskSet) and data[0:1].ids == [first]
+
+
+def test_the_chat_template_switch():
+    tokenizer = make_byte_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")  # fmt: skip
+    chat = Example("hi\n", "yo", (("user", "hi"), ("assistant", "yo")))
+    templated = encode_examples(tokenizer, [chat], 64, chat_template=True)
+    plain = encode_examples(tokenizer, [chat], 64, chat_template=False)
+    decode = tokenizer.decode
+    assert decode(templated.ids[0][: templated.prompt_lengths[0]]) == "<user>hi\n<assistant>"
+    assert decode(templated.ids[0][templated.prompt_lengths[0]:]) == "yo\n"
+    assert decode(plain.ids[0], skip_special_tokens=True) == "hi\nyo"
+    # A prompt / completion pair stays plain text whatever the switch (TRL's rule: only conversations are templated).
+    pair = encode_examples(tokenizer, [Example("1+1=", " 2")], 64, chat_template=True)
+    assert decode(pair.ids[0], skip_special_tokens=True) == "1+1= 2"
+
+
+def test_the_loss_is_the_mean_cross_entropy_of_completion_tokens():
+    tokenizer, model = make_byte_tokenizer(), make_tiny_model("llama")
+    data = encode_examples(tokenizer, [Example("12+3=", " 15"), Example("7+1=", " 8")], 32)
+    batch = data[torch.tensor([0, 1])]
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    terms = []
+    for row, (ids, start) in enumerate(zip(data.ids, data.prompt_lengths, strict=True)):
+        for t in range(start, len(ids)):
+            terms.append(-torch.log_softmax(logits[row, t - 1].float(), -1)[ids[t]])
+    assert torch.allclose(causal_lm_loss(model, batch), torch.stack(terms).mean(), atol=1e-5)
+
+
+def test_batches_are_grouped_by_length_within_runs():
+    lengths = [random.Random(i).randrange(5, 50) for i in range(300)]
+    batches = list(batch_order(300, 4, steps=150, seed=0, lengths=lengths))
+    epoch = torch.cat(batches[:75])
+    assert sorted(epoch.tolist()) == list(range(300))  # every example once per epoch
+    run = [lengths[i] for i in torch.cat(batches[:50]).tolist()]  # the first run of 50 batches, longest first
+    assert run == sorted(run, reverse=True)
+    assert torch.cat(batches[75:]).tolist() != epoch.tolist()  # reshuffled
+
+
+# --- generation and exact match ---------------------------------------------------------------------------------
+
+
+def test_batched_greedy_generation_equals_one_prompt_at_a_time():
+    tokenizer, model = make_byte_tokenizer(), make_tiny_model("llama")
+    prompts = [list(b"1+2="), list(b"Calculate 14 - 9 ="), list(b"x")]
+    batched = greedy_generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    alone = [greedy_generate(model, tokenizer, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    assert batched == alone and all(isinstance(text, str) for text in batched)
+
+
+def test_exact_match_scores_the_first_number_before_the_stop_string(monkeypatch):
+    task = GenerativeTask("arithmetic", [Example("1+2=", " 3"), Example("5-9=", " -4"), Example("2*2=", " 4")],
+                          ("\n",), 8, numeric=True)  # fmt: skip
+    outputs = [" 3 apples", " -4", "\n4"]  # the last answer comes after the stop string: wrong
+    monkeypatch.setattr("sparsefit.evaluate.exact_match.greedy_generate", lambda *a, **k: outputs)
+    result = exact_match(make_tiny_model("llama"), make_byte_tokenizer(), task)
+    assert result["exact_match"] == pytest.approx(2 / 3) and result["n"] == 3
+
+
+# --- sparsefit finetune ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pruned(workspace, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pruned") / "run"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("SPARSEFIT_HOME", str(workspace / "home"))
+        assert cli(monkeypatch, *prune_args(workspace, out, "--sparsity", "0.5")) == 0
+    return out
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "s2ft", "squarehead"])
+def test_finetune_keeps_the_masks_and_lowers_the_task_loss(workspace, pruned, monkeypatch, tmp_path, method):
+    out = tmp_path / method
+    args = ["finetune", "--model", pruned, "--data", workspace / "sums.jsonl", "--method", method, "--epochs", 3,
+            "--train-batch", 4, "--lr", 3e-3, "--device", "cpu", "--out", out]  # fmt: skip
+    assert cli(monkeypatch, *args) == 0
+    before, after = load_file(pruned / "model.safetensors"), load_file(out / "model.safetensors")
+    changed = False
+    for name, weight in before.items():
+        if name.endswith("proj.weight"):
+            assert torch.equal(after[name] == 0, weight == 0), name  # pruned weights stay exact zeros, no new zeros
+            changed |= not torch.equal(after[name], weight)
+    assert changed
+    run = json.loads((out / "run.json").read_text())
+    fit = json.loads((out / "recovery.json").read_text())["fit"]
+    assert run["command"] == "finetune" and run["data"]["examples"] == 32 and run["data"]["cut"] == 0
+    assert fit["final_loss"] < fit["initial_loss"], fit
+    assert run["results"]["sparsity"] == pytest.approx(json.loads((pruned / "sparsity.json").read_text())["overall"])
+    if method == "squarehead":  # the teacher defaulted to the run's dense source: said, and recorded
+        assert "task" in run["warnings"][0] and run["config"]["teacher"] == str(workspace / "tiny")
+
+
+def test_eval_scores_generative_tasks(workspace, monkeypatch, capsys):
+    assert cli(monkeypatch, "eval", workspace / "tiny", "--tasks", workspace / "sums.jsonl", "--device", "cpu",
+               "--json") == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out)["tasks"][str(workspace / "sums.jsonl")]
+    assert result["n"] == 8 and 0 <= result["exact_match"] <= 1 and len(result["samples"]) == 3
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data", "nope"], "unknown task data 'nope'"),
+    (["--max-examples", 0], "--max-examples 0"),
+    (["--method", "dsnot"], "finetune method 'dsnot'"),
+    (["--teacher", "x"], "--teacher is for squarehead"),
+])  # fmt: skip
+def test_finetune_refuses_bad_input_in_one_line_writing_nothing(workspace, monkeypatch, capsys, tmp_path, extra,
+                                                                 message):  # fmt: skip
+    out = tmp_path / "out"
+    args = ["finetune", "--model", workspace / "tiny", "--data", workspace / "sums.jsonl", "--out", out]
+    err = one_line_error(monkeypatch, capsys, *args, *extra)
+    assert message in err and not out.exists()
+
+
+def test_finetune_refuses_a_bad_jsonl_and_a_teacher_of_another_vocabulary(workspace, monkeypatch, capsys, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "a"}])
+    out = tmp_path / "out"
+    err = one_line_error(monkeypatch, capsys, "finetune", "--model", workspace / "tiny", "--data", bad, "--out", out)
+    assert "line 1" in err and not out.exists()
+    other = make_tiny_model("llama")
+    other.resize_token_embeddings(300)
+    other.save_pretrained(tmp_path / "other")
+    err = one_line_error(monkeypatch, capsys, "finetune", "--model", workspace / "tiny", "--data",
+                         workspace / "sums.jsonl", "--method", "squarehead", "--teacher", tmp_path / "other",
+                         "--out", out)  # fmt: skip
+    assert "vocab_size 300" in err and not out.exists()
+    err = one_line_error(monkeypatch, capsys, "eval", workspace / "tiny", "--tasks", "arithmetic,nope")
+    assert "nope" in err
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_of_smollm2_raises_arithmetic_exact_match():
+    """The real model on the real task: 100 steps of 8 training questions lift exact match on 200 test questions
+    (measured: 0.135 -> 0.26, ~4 CPU-minutes)."""
+    from sparsefit.evaluate.exact_match import load_generative
+    from sparsefit.models import load
+    from sparsefit.prune import parse_pattern
+    from sparsefit.recover import RecoveryContext, get_method
+
+    torch.set_num_threads(2)  # the real model gains from both cores (one_thread restores the setting afterwards)
+    loaded = load("smollm2-135m")
+    task = load_generative("arithmetic", 200)
+    before = exact_match(loaded.model, loaded.tokenizer, task)["exact_match"]
+    train = encode_examples(loaded.tokenizer, load_examples("arithmetic", "train", 800), 256)
+    method = get_method("full")
+    config = method.configure({"epochs": 1, "batch_size": 8, "lr": 1e-4})
+    ctx = RecoveryContext(model=loaded.model, teacher=loaded.model, tokenizer=loaded.tokenizer, calib_ids=train,
+                          pattern=parse_pattern("unstructured"), device=torch.device("cpu"))  # fmt: skip
+    fit = method.run(ctx, config)["fit"]
+    after = exact_match(loaded.model, loaded.tokenizer, task)["exact_match"]
+    assert fit["steps"] == 100 and fit["final_loss"] < fit["initial_loss"] / 2
+    assert after >= before + 0.06, (before, after)
