@@ -167,7 +167,7 @@ def test_batched_greedy_generation_equals_one_prompt_at_a_time():
 
 def test_exact_match_scores_the_first_number_before_the_stop_string(monkeypatch):
     task = GenerativeTask("arithmetic", [Example("1+2=", " 3"), Example("5-9=", " -4"), Example("2*2=", " 4")],
-                          ("\n",), 8, numeric=True)  # fmt: skip
+                          ("\n",), 8, "number")  # fmt: skip
     outputs = [" 3 apples", " -4", "\n4"]  # the last answer comes after the stop string: wrong
     monkeypatch.setattr("sparsefit.evaluate.exact_match.greedy_generate", lambda *a, **k: outputs)
     result = exact_match(make_tiny_model("llama"), make_byte_tokenizer(), task)
@@ -267,3 +267,57 @@ def test_full_fine_tuning_of_smollm2_raises_arithmetic_exact_match():
     after = exact_match(loaded.model, loaded.tokenizer, task)["exact_match"]
     assert fit["steps"] == 100 and fit["final_loss"] < fit["initial_loss"] / 2
     assert after >= before + 0.06, (before, after)
+
+
+def test_gsm8k_is_lm_evals_8_shot_gsm8k_cot():
+    from sparsefit.evaluate.exact_match import GSM8K_SHOTS, load_generative
+
+    lm_eval = pytest.importorskip("lm_eval")
+    yaml = pytest.importorskip("yaml")
+    from pathlib import Path
+
+    config = yaml.safe_load((Path(lm_eval.__file__).parent / "tasks/gsm8k/gsm8k-cot.yaml").read_text())
+    shots = [(s["question"], s["target"]) for s in config["fewshot_config"]["samples"]]
+    assert config["num_fewshot"] == 8 and list(GSM8K_SHOTS) == shots  # the transcription, word for word
+    task = load_generative("gsm8k")
+    assert len(task.examples) == 1319 and task.until == tuple(config["generation_kwargs"]["until"])
+    first = task.examples[0]
+    assert first.answer == "18" and first.prompt.startswith("Q: There are 15 trees")
+    assert first.prompt.endswith("\n\nQ: Janet\u2019s ducks lay 16 eggs per day. She eats three for breakfast every "
+                                 "morning and bakes muffins for her friends every day with four. She sells the "
+                                 "remainder at the farmers' market daily for $2 per fresh duck egg. How much in "
+                                 "dollars does she make every day at the farmers' market?\nA:")  # fmt: skip
+    assert first.prompt.count("\n\nQ: ") == 8 and "A: There are 15 trees originally." in first.prompt
+
+
+GENERATIONS = [
+    " She has 16 - 3 - 4 = 9 eggs. 9 * 2 = 18. The answer is 18.\n\n",
+    " The answer is $1,800.",
+    " 9 eggs, so 18 dollars.",
+    " The answer is 18.5. Q: next",
+    " I do not know.",
+    " 7 + 11 = 18\nQ: The answer is 18.",
+]
+
+
+def test_gsm8k_scores_equal_lm_evals_filters_and_exact_match():
+    from sparsefit.evaluate.exact_match import GSM8K_IGNORE, load_generative
+
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.metrics import exact_match_hf_evaluate
+    from lm_eval.filters.extraction import RegexFilter
+
+    task = load_generative("gsm8k", limit=1)
+    golds = [" 18", " 1800", " 18", " 18", " 18", " 18"]
+    ours = [task.scores(g, Example("", gold)) for g, gold in zip(GENERATIONS, golds, strict=True)]
+    cut_texts = [g.split("Q:")[0] for g in GENERATIONS]  # lm-eval cuts at its until strings before filtering
+    strict = RegexFilter(r"The answer is (\-?[0-9\.\,]+).")
+    flexible = RegexFilter(r"(-?[$0-9.,]{2,})|(-?[0-9]+)", group_select=-1)
+    for name, filt in (("exact_match", strict), ("exact_match_flexible", flexible)):
+        answers = [out[0] for out in filt.apply([[t] for t in cut_texts], [{}] * len(cut_texts))]
+        theirs = [exact_match_hf_evaluate([a], [gold.strip()], regexes_to_ignore=list(GSM8K_IGNORE),
+                                          ignore_case=True)["exact_match"] == 1.0
+                  for a, gold in zip(answers, golds, strict=True)]  # fmt: skip
+        assert [o[name] for o in ours] == theirs, name
+    assert [o["exact_match"] for o in ours] == [True, False, False, False, False, False]  # "$1,800" is not strict
+    assert [o["exact_match_flexible"] for o in ours] == [True, True, True, False, False, True]

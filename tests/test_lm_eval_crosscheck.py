@@ -66,7 +66,7 @@ def _lm_eval_rows(name: str, limit: int) -> tuple[str, list[dict]]:
     path = task_data.data_root() / task_data.SOURCES[name].path
     if path.suffix == ".arrow":
         return "validation", _first(task_data.arrow_rows(path), limit)
-    docs = _first(task_data._request_docs(path, whole_line=False), limit)
+    docs = _first(task_data.request_docs(path, whole_line=False), limit)
     rows = []
     if name == "boolq":
         for doc in docs:

