@@ -321,3 +321,87 @@ def test_gsm8k_scores_equal_lm_evals_filters_and_exact_match():
         assert [o[name] for o in ours] == theirs, name
     assert [o["exact_match"] for o in ours] == [True, False, False, False, False, False]  # "$1,800" is not strict
     assert [o["exact_match_flexible"] for o in ours] == [True, True, True, False, False, True]
+
+
+def test_one_recipe_tunes_the_teacher_prunes_on_the_task_and_distils(workspace, tmp_path):
+    from sparsefit.app.recipe import Recipe, run_recipe
+
+    data = workspace / "sums.jsonl"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+name: sq
+model: {workspace / "tiny"}
+device: cpu
+finetune: {{data: {data}, method: full, epochs: 2, lr: 3.0e-3, batch_size: 4}}
+prune: {{method: wanda, sparsity: 0.5, calib: {data}, nsamples: 8, seqlen: 32}}
+recover: {{method: squarehead, data: {data}, epochs: 2, lr: 3.0e-3, batch_size: 4}}
+eval: {{ppl: [], tasks: [{data}], limit: 4}}
+guard: warn
+""")
+    summary = run_recipe(Recipe.load(recipe), runs_root=tmp_path / "runs")
+    rows = summary["rows"]
+    assert list(rows) == ["base", "dense", "pruned", "recovered"]
+    assert all(rows[r]["tasks"][str(data)]["n"] == 4 for r in rows)  # limit 4 of the held-out fifth
+    out = tmp_path / "runs" / "sq"
+    tuned, pruned = load_file(out / "tuned" / "model.safetensors"), load_file(out / "pruned" / "model.safetensors")
+    recovered = load_file(out / "recovered" / "model.safetensors")
+    source = load_file(workspace / "tiny" / "model.safetensors")
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(tuned[q], source[q])  # the teacher was tuned, then pruned
+    assert torch.equal(pruned[q] == 0, recovered[q] == 0) and not torch.equal(pruned[q], recovered[q])
+    assert json.loads((out / "tuned" / "run.json").read_text())["data"]["examples"] == 32
+    assert "exact_match" in (out / "report.md").read_text() or str(data) in (out / "report.md").read_text()
+
+
+def test_a_recipe_refuses_a_block_wise_method_on_task_examples(workspace, tmp_path):
+    from sparsefit.app.recipe import Recipe, run_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {workspace / 'tiny'}\nrecover: {{method: ebft, data: {workspace / 'sums.jsonl'}}}\n")
+    with pytest.raises(UsageError, match="block by block"):
+        run_recipe(Recipe.load(recipe), runs_root=tmp_path / "runs")
+    recipe.write_text(f"model: {workspace / 'tiny'}\nfinetune: {{method: full}}\n")
+    with pytest.raises(UsageError, match="finetune needs data"):
+        Recipe.load(recipe)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_s2ft_adapter_saves_alone_fuses_unfuses_exactly_and_switches(workspace, pruned, monkeypatch, capsys,
+                                                                        tmp_path):  # fmt: skip
+    from sparsefit.app.finetune import load_tuned
+    from sparsefit.models import load
+    from sparsefit.recover.s2ft import ADAPTER_FILE, S2Adapter
+
+    common = ["finetune", "--model", pruned, "--data", workspace / "sums.jsonl", "--method", "s2ft", "--epochs", 2,
+              "--train-batch", 4, "--device", "cpu"]  # fmt: skip
+    for seed in (0, 1):
+        assert cli(monkeypatch, *common, "--seed", seed, "--out", tmp_path / f"whole{seed}") == 0
+        assert cli(monkeypatch, *common, "--seed", seed, "--adapter-only", "--out", tmp_path / f"a{seed}") == 0
+    assert not (tmp_path / "a0" / "model.safetensors").exists() and (tmp_path / "a0" / ADAPTER_FILE).exists()
+    assert (tmp_path / "a0" / ADAPTER_FILE).stat().st_size * 5 < (pruned / "model.safetensors").stat().st_size
+    base = load(str(pruned)).model
+    start = {k: v.clone() for k, v in base.state_dict().items()}
+    whole = [load_file(tmp_path / f"whole{seed}" / "model.safetensors") for seed in (0, 1)]
+
+    def same_as(expected) -> bool:
+        return all(torch.equal(v, expected[k]) for k, v in base.state_dict().items() if k in expected)
+
+    first = S2Adapter.load(base, tmp_path / "a0" / ADAPTER_FILE)
+    x = torch.tensor([[5, 6, 7, 8]])
+    unfused = base(input_ids=x).logits
+    first.fuse()
+    assert same_as(whole[0])  # the fused adapter is the whole checkpoint, bit for bit
+    assert torch.allclose(base(input_ids=x).logits, unfused, atol=1e-5)
+    first.unfuse()
+    first.remove()
+    assert same_as(start)  # exactly the base again
+    second = S2Adapter.load(base, tmp_path / "a1" / ADAPTER_FILE)  # switched on the same loaded base
+    second.fuse()
+    assert same_as(whole[1]) and not same_as(whole[0])
+    tuned = load_tuned(str(tmp_path / "a1")).model.state_dict()  # what `sparsefit eval` of the folder loads
+    assert all(torch.equal(v, whole[1][k]) for k, v in tuned.items() if k in whole[1])
+    for method in ("full", "squarehead"):
+        capsys.readouterr()
+        err = one_line_error(monkeypatch, capsys, *common[:5], "--method", method, "--adapter-only", "--out",
+                             tmp_path / "x")  # fmt: skip
+        assert "--adapter-only" in err and not (tmp_path / "x").exists()

@@ -325,6 +325,8 @@ def finetune(
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
     option: list[str] = OPTION,
+    adapter_only: bool = typer.Option(False, "--adapter-only", help="s2ft: save the adapter apart from the base "
+                                                                    "(fuses and unfuses exactly)"),
     out: Path = typer.Option(..., help="output run folder"),
     overwrite: bool = typer.Option(False),
 ) -> None:
@@ -338,7 +340,8 @@ def finetune(
     options.update(parse_options(option))
     run = run_finetune(model, data, method, out, options, teacher=teacher, max_examples=max_examples,
                        max_length=max_length, chat_template=chat_template, seed=seed, device=device,
-                       overwrite=overwrite, progress=bar, warn=lambda line: typer.echo(f"warning: {line}", err=True))
+                       overwrite=overwrite, progress=bar, warn=lambda line: typer.echo(f"warning: {line}", err=True),
+                       adapter_only=adapter_only)
     data_summary = run["data"]
     typer.echo(f"wrote {out} ({method}: {_recovery_line(run['report'])}; {data_summary['examples']} examples, "
                f"{data_summary['cut']} cut and {data_summary['dropped']} dropped at {max_length} tokens)")
@@ -360,11 +363,11 @@ def eval_(
     record: bool = typer.Option(False, "--record", help="also store the results in the run folder's run.json"),
 ) -> None:
     """Perplexity (WikiText-2 protocol, seqlen printed with every number) and zero-shot accuracy."""
+    from sparsefit.app.finetune import is_adapter_folder, load_tuned
     from sparsefit.app.jobs import check_evaluation, evaluate_model, evaluate_streamed, parse_list
     from sparsefit.data import get_corpus
     from sparsefit.evaluate.exact_match import is_generative, load_generative
     from sparsefit.evaluate.zeroshot import parse_tasks
-    from sparsefit.models import load
     from sparsefit.models.loading import streamable
     from sparsefit.walk import resolve_device
 
@@ -386,13 +389,14 @@ def eval_(
 
         check_run_folder(model)  # before any work: --record needs a run folder
     device_ = resolve_device(device)
-    folder = streamable(model) if not generative else None  # generation loads the model whole
+    # Generation loads the model whole; so does an adapter-only folder (its base, with the adapter fused).
+    folder = streamable(model) if not generative and not is_adapter_folder(model) else None
     if folder is not None:
         # A local safetensors folder is walked block by block: any size fits.
         results = evaluate_streamed(folder, ppl=parse_list(ppl), seqlen=seqlen, max_tokens=max_tokens,
                                     tasks=parse_list(tasks), limit=limit, device=device_, progress=bar)  # fmt: skip
     else:
-        loaded = load(model)
+        loaded = load_tuned(model)
         results = evaluate_model(loaded.model, loaded.tokenizer, ppl=parse_list(ppl), seqlen=seqlen,
                                  max_tokens=max_tokens, tasks=parse_list(tasks), limit=limit, device=device_,
                                  progress=bar, chat_template=chat_template)  # fmt: skip

@@ -18,20 +18,23 @@ from pathlib import Path
 
 from sparsefit.app import defaults
 from sparsefit.app.jobs import choose_method, recovery_files, save_run, timed, versions
-from sparsefit.atomic import check_output
+from sparsefit.atomic import check_output, write_atomically
 from sparsefit.data.task import encode_examples, load_examples
 from sparsefit.errors import UsageError, check
 from sparsefit.export.run_folder import read_pattern, read_run
 from sparsefit.models import load
-from sparsefit.models.loading import resolve
+from sparsefit.models.loading import LoadedModel, resolve
 from sparsefit.progress import Bar, silent
 from sparsefit.prune import parse_pattern, sparsity_summary
 from sparsefit.recover import RecoveryContext
 from sparsefit.recover.base import AUTO
+from sparsefit.recover.s2ft import ADAPTER_FILE, S2Adapter
 from sparsefit.walk import resolve_device
 from sparsefit.walk.targets import check_teacher
 
 METHODS = ("full", "lora", "s2ft", "squarehead")
+ADAPTER_METHODS = ("s2ft",)  # an adapter that fuses into the base and unfuses exactly
+ADAPTER_JSON = "adapter.json"
 # What a teacher must share with the student for SquareHead's hidden-state loss (read from config.json).
 TEACHER_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
 
@@ -87,12 +90,16 @@ def run_finetune(
     overwrite: bool = False,
     progress: Bar = silent,
     warn: Callable[[str], None] | None = None,
+    adapter_only: bool = False,
 ) -> dict:
     """Fine-tune ``model`` on the ``train`` part of ``data`` with ``method_name``; write a run folder to ``out``.
 
     ``warn(line)`` hears, before the model loads, what the run will do that a user may not expect (it is also
-    recorded in run.json)."""
+    recorded in run.json). ``adapter_only`` (S²FT): the folder holds the adapter and a pointer to the base
+    instead of a whole checkpoint; :func:`load_tuned` loads the base and fuses it."""
     check(method_name in METHODS, f"finetune method {method_name!r} is not one of {', '.join(METHODS)}")
+    check(not adapter_only or method_name in ADAPTER_METHODS, f"--adapter-only saves an adapter apart from the base: "
+          f"{method_name} trains the model's own weights and has none (use {' or '.join(ADAPTER_METHODS)})")
     check(isinstance(max_length, int) and max_length >= 2,
           f"max length {max_length!r} must be at least 2 tokens")  # fmt: skip
     examples = load_examples(data, "train", max_examples)  # every line checked, before any model loads
@@ -152,6 +159,47 @@ def run_finetune(
         "results": {"sparsity": sparsity["overall"]},
         "warnings": [warning] if warning else [],
     }
-    save_run(out, loaded.model, loaded.tokenizer, run, sparsity, overwrite=overwrite,
-             extra_files=recovery_files(method, report))  # fmt: skip
+    if adapter_only:
+        save_adapter(out, model, run, recovery_files(method, report), overwrite)
+    else:
+        save_run(out, loaded.model, loaded.tokenizer, run, sparsity, overwrite=overwrite,
+                 extra_files=recovery_files(method, report))  # fmt: skip
     return {**run, "report": report}
+
+
+def _base_spec(model: str) -> str:
+    """How an adapter folder names its base: a local path made absolute (the folder may be read from elsewhere)."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
+def save_adapter(out: Path, model: str, run: dict, files: dict[str, bytes], overwrite: bool) -> None:
+    """An adapter-only folder: the adapter file, ``adapter.json`` (its method and base), run.json, recovery.json."""
+    pointer = {"method": run["finetune"]["method"], "base": _base_spec(model), "file": ADAPTER_FILE}
+
+    def writer(tmp: Path) -> None:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        (tmp / ADAPTER_JSON).write_text(json.dumps(pointer, indent=2))
+        (tmp / "run.json").write_text(json.dumps({**run, "adapter_only": True}, indent=2, default=str))
+
+    write_atomically(out, writer, overwrite=overwrite)
+
+
+def is_adapter_folder(spec: str) -> bool:
+    return (Path(spec).expanduser() / ADAPTER_JSON).is_file()
+
+
+def load_tuned(spec: str) -> LoadedModel:
+    """A model, or an adapter-only folder: its base loaded and the adapter fused into it."""
+    if not is_adapter_folder(spec):
+        return load(spec)
+    folder = Path(spec).expanduser()
+    try:
+        pointer = json.loads((folder / ADAPTER_JSON).read_text())
+        base, file = pointer["base"], pointer["file"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{str(folder / ADAPTER_JSON)!r} is damaged ({type(exc).__name__}); finetune again") from None
+    loaded = load(base)
+    S2Adapter.load(loaded.model, folder / file).fuse()
+    return LoadedModel(loaded.model, loaded.tokenizer, str(folder))

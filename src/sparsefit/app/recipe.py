@@ -13,6 +13,15 @@ A recipe is YAML with the sections below; every key is optional and unknown keys
                                                 # e.g. SquareHead's distillation after EBFT; default null
     eval:    {ppl: [wiki, books], seqlen: 1024, max_tokens: 4096, tasks: [], limit: null}
     guard: fallback   # the model guard after recovery (app/guard.py): fallback, warn or off
+    finetune: {data: arithmetic, method: full, epochs: 1, lr: 1e-4}  # optional: tune the dense model on a task
+                      # first (it is then the model pruned and the teacher); default null
+
+A task (``data``: ``arithmetic`` or a ``.jsonl``) can also be what ``recover`` trains on: ``recover: {method:
+squarehead, data: arithmetic}`` fine-tunes the sparse student on the task's examples (loss on the completions)
+instead of the calibration windows. With ``prune.calib`` the same task and ``eval.tasks`` naming it, one file holds
+SquareHead's whole recipe: tune the dense teacher, prune on the task's text, distil the student, score both
+(``recipes/squarehead-arithmetic.yaml``). Besides ``data``, the task sections take ``max_examples``,
+``max_length`` and ``chat_template`` (as ``sparsefit finetune``); the other keys are the method's options.
 
 Every value, the recover options included, is checked before the model is loaded.
 """
@@ -31,11 +40,14 @@ import yaml
 from sparsefit import distributed
 from sparsefit.app import defaults
 from sparsefit.app import guard as model_guard
+from sparsefit.app.finetune import METHODS as FINETUNE_METHODS
 from sparsefit.app.jobs import choose_method, evaluate_model, recovery_files, save_run, versions
 from sparsefit.app.reports import gap_closed_both, recipe_report
 from sparsefit.atomic import check_output, check_run_name, write_file_atomically
 from sparsefit.data import calibration_windows, get_corpus
+from sparsefit.data.task import encode_examples, load_examples
 from sparsefit.errors import UsageError, check
+from sparsefit.evaluate.exact_match import is_generative, load_generative
 from sparsefit.evaluate.zeroshot import parse_tasks
 from sparsefit.models import load
 from sparsefit.progress import Bar, silent
@@ -49,6 +61,7 @@ DEFAULT_PRUNE = {"method": defaults.QUICK.method, "sparsity": defaults.QUICK.spa
                  "owl_lambda": defaults.QUICK.owl_lambda, "owl_m": defaults.QUICK.owl_m,
                  "gqa": defaults.QUICK.gqa, "keep_heads": defaults.QUICK.keep_heads}  # fmt: skip
 DEFAULT_RECOVER = {"method": defaults.RECOVER_METHOD, "preset": "quick"}
+TASK_KEYS = ("data", "max_examples", "max_length", "chat_template")  # a task section's keys besides the method's
 DEFAULT_EVAL = {"ppl": list(defaults.EVAL_CORPORA), "seqlen": defaults.EVAL_SEQLEN,
                 "max_tokens": defaults.RUN_EVAL_MAX_TOKENS, "tasks": [], "limit": None}  # fmt: skip
 # What each value of a section must be, checked (and converted, "4" -> 4) as the recipe loads.
@@ -87,6 +100,7 @@ class Recipe:
     polish: dict | None = None
     eval: dict = field(default_factory=lambda: dict(DEFAULT_EVAL))
     guard: str = defaults.GUARD
+    finetune: dict | None = None
 
     @classmethod
     def load(cls, path: Path | None) -> Recipe:
@@ -122,6 +136,12 @@ class Recipe:
                     method = convert_value(value.get("method", defaults.RECOVER_METHOD), str, "recipe recover method")
                     base = DEFAULT_RECOVER if method == "ebft" else {}
                     recipe.recover = {"method": method, **base, **value} | {"method": method}
+            elif key == "finetune":
+                check(value is None or isinstance(value, dict), "recipe section 'finetune' must be a mapping or null")
+                if value is not None:
+                    check("data" in value, "recipe finetune needs data: arithmetic or a .jsonl file")
+                    method = convert_value(value.get("method", "full"), str, "recipe finetune method")
+                    recipe.finetune = {"method": method, **value} | {"method": method}
             elif key == "polish":
                 check(value is None or isinstance(value, dict), "recipe section 'polish' must be a mapping or null")
                 if value is None:
@@ -134,7 +154,7 @@ class Recipe:
         return recipe
 
     def recover_options(self) -> dict:
-        return {k: v for k, v in (self.recover or {}).items() if k != "method"}
+        return {k: v for k, v in (self.recover or {}).items() if k != "method" and k not in TASK_KEYS}
 
     def polish_options(self) -> dict:
         return {k: v for k, v in (self.polish or {}).items() if k != "method"}
@@ -156,14 +176,32 @@ def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), overwrite: bool =
                                               device, pattern=config.pattern, seed=config.seed)  # fmt: skip
         check(not polish.blockwise, f"recipe polish {polish.name!r} works block by block; the polish pass is a "
               "whole-model method (squarehead, lora or s2ft)")  # fmt: skip
+    tune = tune_config = None
+    tune_task = recover_task = None
+    if recipe.finetune is not None:
+        tune_task = task_section(recipe.finetune, "recipe finetune")
+        options = {k: v for k, v in recipe.finetune.items() if k != "method" and k not in TASK_KEYS}
+        options = {"epochs": defaults.FINETUNE_EPOCHS, "batch_size": defaults.FINETUNE_BATCH, **options}
+        tune, tune_config = choose_method(recipe.finetune["method"], options, len(tune_task.examples), device,
+                                          seed=config.seed)  # fmt: skip
+        check(recipe.finetune["method"] in FINETUNE_METHODS, f"recipe finetune method {tune.name!r} is not one of "
+              f"{', '.join(FINETUNE_METHODS)}")  # fmt: skip
+    if recipe.recover is not None and "data" in recipe.recover:
+        recover_task = task_section(recipe.recover, "recipe recover")
+        check(not method.blockwise, f"recipe recover {method.name!r} works block by block on calibration windows; "
+              f"to recover it on the task's text, set prune calib: {recipe.recover['data']}")  # fmt: skip
     evaluation = recipe.eval
     seqlen, max_tokens, limit = evaluation["seqlen"], evaluation["max_tokens"], evaluation["limit"]
     check(seqlen > 0, f"recipe eval seqlen {seqlen} must be a positive number of tokens")
     check(max_tokens is None or max_tokens >= seqlen, f"recipe eval max_tokens {max_tokens} is shorter than "
                                                       f"its seqlen {seqlen}")  # fmt: skip
     check(limit is None or limit > 0, f"recipe eval limit {limit} must be a positive number of documents")
-    if evaluation["tasks"]:
-        parse_tasks(",".join(evaluation["tasks"]))
+    zero_shot = [name for name in evaluation["tasks"] if not is_generative(name)]
+    if zero_shot:
+        parse_tasks(",".join(zero_shot))
+    for name in evaluation["tasks"]:
+        if is_generative(name):
+            load_generative(name, limit)
     for name in evaluation["ppl"]:  # after the cheap checks: a built-in corpus may be fetched here
         get_corpus(name)
     get_corpus(config.calib)  # a calibration file that cannot be read is refused before the model loads
@@ -187,6 +225,19 @@ def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), overwrite: bool =
                               limit=evaluation["limit"], device=device, progress=progress)  # fmt: skip
 
     rows: dict[str, dict] = {}
+    if tune is not None:  # the dense model tuned on the task: the model pruned, and the teacher
+        rows["base"] = evaluate(dense.model)
+        t = time.perf_counter()
+        examples = tune_task.encode(dense.tokenizer)
+        tuned = tune.run(RecoveryContext(model=dense.model, teacher=dense.model, tokenizer=dense.tokenizer,
+                                         calib_ids=examples, pattern=parse_pattern("unstructured"), device=device,
+                                         seed=config.seed, progress=progress), tune_config)  # fmt: skip
+        timings["finetune_s"] = time.perf_counter() - t
+        save_run(out / "tuned", dense.model, dense.tokenizer,
+                 {"source_model": recipe.model, "command": "run", "finetune": {"method": tune.name,
+                  **tune_config.to_dict()}, "data": examples.summary(), "versions": versions()},
+                 sparsity_summary(dense.model, "unstructured"), overwrite=overwrite,
+                 extra_files=recovery_files(tune, tuned))  # fmt: skip
     t = time.perf_counter()
     rows["dense"] = evaluate(dense.model)
     timings["eval_dense_s"] = time.perf_counter() - t
@@ -207,7 +258,9 @@ def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), overwrite: bool =
 
     report: dict = {}
     if method is not None or polish is not None:
-        ctx = RecoveryContext(model=sparse, teacher=dense.model, tokenizer=dense.tokenizer, calib_ids=calib,
+        # With a task, recovery trains on its examples (loss on the completions), else on the calibration windows.
+        train = recover_task.encode(dense.tokenizer) if recover_task is not None else calib
+        ctx = RecoveryContext(model=sparse, teacher=dense.model, tokenizer=dense.tokenizer, calib_ids=train,
                               pattern=parse_pattern(config.pattern), device=device, seed=config.seed,
                               batch_size=config.batch_size, progress=progress)  # fmt: skip
         recovery: dict = {}
@@ -269,3 +322,27 @@ def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), overwrite: bool =
 
     distributed.on_main(write, "writing the report")
     return summary
+
+
+@dataclass
+class TaskSection:
+    """A recipe section's task: its training examples, checked at load time, tokenized once the model loads."""
+
+    data: str
+    examples: list
+    max_length: int
+    chat_template: bool
+
+    def encode(self, tokenizer):
+        return encode_examples(tokenizer, self.examples, self.max_length, self.chat_template)
+
+
+def task_section(section: dict, where: str) -> TaskSection:
+    """The task named by ``section["data"]`` (every line checked), with the section's task options."""
+    options = convert_values({k: v for k, v in section.items() if k in TASK_KEYS},
+                             {"data": str, "max_examples": int | None, "max_length": int, "chat_template": bool},
+                             where)  # fmt: skip
+    max_length = options.get("max_length", defaults.FINETUNE_MAX_LENGTH)
+    check(max_length >= 2, f"{where} max_length {max_length} must be at least 2 tokens")
+    examples = load_examples(options["data"], "train", options.get("max_examples"))
+    return TaskSection(options["data"], examples, max_length, options.get("chat_template", True))

@@ -28,6 +28,11 @@ def gap_closed_both(dense: float, pruned: float, recovered: float) -> dict:
     return {"linear": gap_closed(dense, pruned, recovered), "log": gap_closed(dense, pruned, recovered, log=True)}
 
 
+def task_score(result: dict) -> float:
+    """The headline number of a task's result: acc_norm, else acc (zero-shot), else exact_match (generative)."""
+    return next(result[key] for key in ("acc_norm", "acc", "exact_match") if key in result)
+
+
 def recipe_report(summary: dict, method_section: str | None) -> str:
     """``report.md`` of `sparsefit run`: dense / pruned / recovered side by side, the gap closed, the timings."""
     rows = summary["rows"]
@@ -37,13 +42,14 @@ def recipe_report(summary: dict, method_section: str | None) -> str:
     table = []
     for name, row in rows.items():
         table.append([name, *[round(row["ppl"][c]["value"], 3) for c in corpora],
-                      *[round(row["tasks"][t].get("acc_norm", row["tasks"][t]["acc"]), 4) for t in tasks],
+                      *[round(task_score(row["tasks"][t]), 4) for t in tasks],
                       round(row.get("sparsity", 0.0), 4)])  # fmt: skip
     recipe = summary["recipe"]
     ev = recipe["eval"]
     first = rows["dense"]["ppl"][corpora[0]] if corpora else None
     lines = [
         f"# sparsefit run `{recipe['name']}`\n",
+        *([f"First tuned on a task: {json.dumps(recipe['finetune'])}."] if recipe.get("finetune") else []),
         f"Model `{recipe['model']}`; pruning {json.dumps(recipe['prune'])}; recovery {json.dumps(recipe['recover'])}"
         + (f"; then the global pass {json.dumps(recipe['polish'])}." if recipe.get("polish") else "."),
         f"Perplexity: WikiText-2 protocol on each corpus's test split, seqlen {ev['seqlen']}, "

@@ -192,5 +192,7 @@ class ModelMethod(RecoveryMethod):
 
 
 def report_json(name: str, report: dict) -> bytes:
-    """``recovery.json``: the method's name and report (callables and tensors dropped or stringified)."""
-    return json.dumps({"method": name, **report}, indent=2, default=str).encode()
+    """``recovery.json``: the method's name and report (callables and tensors stringified; files, the report's
+    bytes values, left to :meth:`RecoveryMethod.artifacts`)."""
+    kept = {key: value for key, value in report.items() if not isinstance(value, (bytes, bytearray))}
+    return json.dumps({"method": name, **kept}, indent=2, default=str).encode()

@@ -22,13 +22,16 @@ chosen is bit-identical afterwards. Needs llama-like blocks (``self_attn.{q,k,v,
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsefit.atomic import write_file_atomically
 from sparsefit.errors import UsageError, check
 from sparsefit.models.adapters import get_adapter, weight_matrix
 from sparsefit.recover.base import ModelMethod, RecoveryContext
@@ -54,6 +57,8 @@ TARGETS: dict[str, tuple[str, str, str]] = {
     "down_proj": ("mlp", "cols", "channel"),
 }
 SELECT = ("random", "score")
+ADAPTER_FORMAT = "sparsefit-s2ft-1"  # the adapter file's metadata "format"
+ADAPTER_FILE = "s2ft_adapter.safetensors"
 LOSSES = ("ce", "squarehead")
 
 
@@ -222,6 +227,61 @@ class S2Adapter:
     def trainable(self) -> int:
         return sum(d.trainable for d in self.deltas.values())
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What the adapter file holds: each layer's masked delta and the rows/columns it owns."""
+        out: dict[str, torch.Tensor] = {}
+        for name, delta in self.deltas.items():
+            out[f"{name}.delta"] = delta.masked().detach().cpu().contiguous()
+            out[f"{name}.index"] = delta.index.cpu().contiguous()
+        return out
+
+    def metadata(self) -> dict[str, str]:
+        axes = {name: delta.axis for name, delta in self.deltas.items()}
+        return {"format": ADAPTER_FORMAT, "axes": json.dumps(axes), "selection": json.dumps(self.selection)}
+
+    def to_bytes(self) -> bytes:
+        """The adapter alone, as a safetensors file: a few MB beside a base of hundreds."""
+        from safetensors.torch import save
+
+        return save(self.tensors(), metadata=self.metadata())
+
+    def save(self, path: str | Path) -> None:
+        write_file_atomically(path, self.to_bytes())
+
+    @classmethod
+    def load(cls, model: nn.Module, path: str | Path) -> S2Adapter:
+        """The adapter saved at ``path``, attached (unfused) to ``model``, a base of the same shapes; ``fuse()``
+        writes it into the weights, ``unfuse()`` restores them exactly. Another adapter can be loaded once this one
+        is unfused and removed: the base is never reloaded."""
+        from safetensors import safe_open
+
+        where = str(path)
+        try:
+            with safe_open(where, framework="pt") as handle:
+                meta = handle.metadata() or {}
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise UsageError(f"s2ft adapter {where!r} cannot be read ({type(exc).__name__}: {exc})") from None
+        if meta.get("format") != ADAPTER_FORMAT:
+            raise UsageError(f"{where!r} is not an s2ft adapter (format {meta.get('format')!r})")
+        axes, deltas = json.loads(meta["axes"]), {}
+        for name, axis in axes.items():
+            try:
+                layer = model.get_submodule(name)
+            except AttributeError:
+                raise UsageError(f"s2ft adapter {where!r} names layer {name!r}, which this model lacks") from None
+            index, values = tensors[f"{name}.index"], tensors[f"{name}.delta"]
+            weight = weight_matrix(layer)
+            want = (len(index), weight.shape[1]) if axis == "rows" else (weight.shape[0], len(index))
+            if tuple(values.shape) != want or int(index.max()) >= weight.shape[0 if axis == "rows" else 1]:
+                raise UsageError(f"s2ft adapter {where!r} does not fit layer {name!r} of this model "
+                                 f"(delta {tuple(values.shape)}, the layer's slice {want})")  # fmt: skip
+            delta = S2Delta(layer, index, axis, weight != 0)
+            with torch.no_grad():
+                delta.delta.copy_(values.to(delta.delta.dtype))
+            deltas[name] = delta
+        return cls(deltas, json.loads(meta.get("selection", "[]")))
+
 
 def _damage(block: nn.Module, teacher_block: nn.Module, path: str, axis: str) -> torch.Tensor:
     """Per row/column of ``path``: squared weight mass pruning removed (dense minus sparse), float32."""
@@ -298,6 +358,7 @@ class S2FT(ModelMethod):
     name = "s2ft"
     trains = True
     presets = PRESETS
+    writes = (ADAPTER_FILE,)
 
     def normalize(self, options: dict) -> dict:
         return split_names(options, "targets", self.name, "o_proj,down_proj")
@@ -349,4 +410,8 @@ class S2FT(ModelMethod):
             "adapter_params": sum(d.delta.numel() for d in s2.deltas.values()),
             "trainable_params": s2.trainable,
             "fused": True,
+            "adapter_file": s2.to_bytes(),  # written beside the fused model (artifacts), or alone (--adapter-only)
         }
+
+    def artifacts(self, report: dict) -> dict[str, bytes]:
+        return {ADAPTER_FILE: report["adapter_file"]} if "adapter_file" in report else {}

@@ -301,7 +301,7 @@ def run_compare(
                 entry["pattern_ok"] = final.get("pattern_ok")
             if name == "lora" and "unmerged" in report:
                 entry["unmerged"] = report.pop("unmerged")
-            entry["details"] = report
+            entry["details"] = {k: v for k, v in report.items() if not isinstance(v, bytes)}  # files: kept apart
             if kept is not None:
                 run = {"command": "compare", "source_model": model,
                        "config": {**prune_config.to_dict(), "dtype": dtype},

@@ -1,0 +1,190 @@
+"""Task fine-tuning (issue 23): SmolLM2 on `arithmetic`, exact match on its test questions.
+
+Dense rows: the base model, then full fine-tuning, LoRA and S²FT at the same steps on the same batches, each with
+its seconds per step and its peak training memory (the process's resident high-water mark, reset just before the
+fit: what training adds to the loaded model). Sparse rows: Wanda and SparseGPT at 50 % and 70 %, pruned from the
+tuned teacher (the ``dense:full`` row's model) with the task's training text as calibration; for each, the accuracy
+pruned, after cross-entropy fine-tuning (``ce``), after SquareHead against the tuned teacher (``squarehead``), and
+after interleaved EBFT on the task's text (``ebft``, ``quick`` preset). Every training row runs ``--steps`` steps of
+``--batch`` examples (one pass over the first steps x batch training questions).
+
+    .venv/bin/python bench/finetune.py --rows dense:base,dense:full,dense:lora,dense:s2ft
+    .venv/bin/python bench/finetune.py --merge --rows wanda:0.5:pruned,wanda:0.5:ce,wanda:0.5:squarehead
+
+A row is ``dense:base|full|lora|s2ft`` or ``METHOD:SPARSITY:pruned|ce|squarehead|ebft``; sparse rows need the
+``dense:full`` row's model (kept under ~/.cache/sparsefit/bench/finetune). Writes bench/results/finetune.{json,md};
+``--merge`` keeps the rows measured before. Run it alone on idle cores: the seconds per step are timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch  # noqa: E402
+
+from common import RESULTS, peak_rss_mb, run_many, write_results  # noqa: E402
+
+MODEL = "smollm2-135m"
+DENSE = ("base", "full", "lora", "s2ft")
+SPARSE = ("pruned", "ce", "squarehead", "ebft")
+# The learning rate of each method at these budgets: full fine-tuning's 1e-4 measured on SmolLM2 (100 steps of 8:
+# 0.135 -> 0.26 exact match on 200 test questions); LoRA's and S²FT's from their `cpu` presets.
+RATES = {"full": 1e-4, "ce": 1e-4, "lora": 3e-3, "s2ft": 1e-2}
+
+
+def work_dir() -> Path:
+    from sparsefit.assets import home
+
+    return home() / "bench" / "finetune"
+
+
+def reset_peak() -> None:
+    """Start a new resident-memory high-water mark (Linux: ``clear_refs`` 5), so the peak is the fit's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def score(model, tokenizer, limit: int) -> dict:
+    from sparsefit.evaluate.exact_match import exact_match, load_generative
+
+    began = time.perf_counter()
+    result = exact_match(model, tokenizer, load_generative("arithmetic", limit))
+    return {"exact_match": result["exact_match"], "n": result["n"], "eval_s": time.perf_counter() - began}
+
+
+def train(loaded, method_name: str, args, teacher=None) -> dict:
+    from sparsefit.data.task import encode_examples, load_examples
+    from sparsefit.prune import parse_pattern
+    from sparsefit.recover import RecoveryContext, get_method
+
+    examples = load_examples("arithmetic", "train", args.steps * args.batch)
+    data = encode_examples(loaded.tokenizer, examples, 256)
+    method = get_method("full" if method_name == "ce" else method_name)
+    options = {"epochs": 1, "batch_size": args.batch}
+    if method_name != "squarehead":
+        options["lr"] = RATES[method_name]
+    config = method.configure(options)
+    ctx = RecoveryContext(model=loaded.model, teacher=teacher if teacher is not None else loaded.model,
+                          tokenizer=loaded.tokenizer, calib_ids=data, pattern=parse_pattern("unstructured"),
+                          device=torch.device("cpu"))  # fmt: skip
+    rss = peak_rss_mb()
+    reset_peak()
+    report = method.run(ctx, config)
+    fit = report["fit"]
+    return {"steps": fit["steps"], "s_per_step": fit["time_s"] / fit["steps"], "loss": [fit["initial_loss"],
+            fit["final_loss"]], "train_peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss,
+            "trainable_params": report["trainable_params"], "lr": report.get("lr", options.get("lr"))}  # fmt: skip
+
+
+def measure(args: argparse.Namespace, name: str) -> dict:
+    from sparsefit.models import load
+
+    torch.manual_seed(0)
+    parts = name.split(":")
+    teacher_dir = work_dir() / "teacher"
+    if parts[0] == "dense":
+        loaded = load(MODEL)
+        row: dict = {"status": "ok"}
+        if parts[1] != "base":
+            row.update(train(loaded, parts[1], args))
+        if parts[1] == "full":
+            loaded.model.save_pretrained(teacher_dir)
+            loaded.tokenizer.save_pretrained(teacher_dir)
+        return {**row, **score(loaded.model, loaded.tokenizer, args.limit)}
+    method, sparsity, lever = parts[0], float(parts[1]), parts[2]
+    if not (teacher_dir / "config.json").exists():
+        return {"status": "failed", "error": "run the dense:full row first (the tuned teacher)"}
+    from sparsefit.app.jobs import run_prune
+    from sparsefit.prune import PruneConfig
+
+    pruned_dir = work_dir() / f"{method}-{sparsity}"
+    config = PruneConfig(method=method, sparsity=sparsity, calib="arithmetic", nsamples=args.nsamples,
+                         seqlen=args.seqlen, device="cpu")  # fmt: skip
+    row = {"status": "ok"}
+    began = time.process_time()
+    if lever == "ebft":
+        run_prune(str(teacher_dir), config, work_dir() / f"{method}-{sparsity}-ebft", overwrite=True,
+                  recover="ebft", recover_options={"preset": "quick"}, guard="warn")  # fmt: skip
+        loaded = load(str(work_dir() / f"{method}-{sparsity}-ebft"))
+        row["cpu_min"] = (time.process_time() - began) / 60
+    else:
+        if not (pruned_dir / "run.json").exists() or lever == "pruned":
+            run_prune(str(teacher_dir), config, pruned_dir, overwrite=True)
+        loaded = load(str(pruned_dir))
+        if lever in ("ce", "squarehead"):
+            teacher = load(str(teacher_dir)).model if lever == "squarehead" else None
+            row.update(train(loaded, lever, args, teacher))
+    return {**row, **score(loaded.model, loaded.tokenizer, args.limit)}
+
+
+def report(args: argparse.Namespace, runs: dict[str, dict]) -> None:
+    def cell(run: dict, key: str, fmt: str) -> str:
+        return format(run[key], fmt) if key in run else ""
+
+    rows = []
+    for name in sorted(runs, key=lambda n: (n.split(":")[0] != "dense", n)):
+        run = runs[name]
+        if run.get("status") != "ok":
+            rows.append([name, "failed: " + run.get("error", "")[:80], "", "", "", "", ""])
+            continue
+        loss = f"{run['loss'][0]:.3f} -> {run['loss'][1]:.3f}" if "loss" in run else ""
+        rows.append([name, f"{run['exact_match']:.3f}", str(run.get("steps", "")), cell(run, "s_per_step", ".2f"),
+                     cell(run, "train_peak_rss_mb", ".0f"), loss, cell(run, "trainable_params", ",")])  # fmt: skip
+    notes = (f"SmolLM2-135M on `arithmetic` (train: the first steps x batch of its 2,400 training questions; exact "
+             f"match on the first {args.limit} of its 600 test questions, greedy). Every training row: "
+             f"{args.steps} steps of {args.batch} questions, one pass, lr: full and ce {RATES['full']}, LoRA "
+             f"{RATES['lora']} (r 8, q/v), S²FT {RATES['s2ft']} (the `cpu` preset's heads and channels), SquareHead "
+             f"its `cpu` preset's (4 x the paper's table). Sparse rows prune the `dense:full` model with the task's "
+             f"training text as calibration ({args.nsamples} x {args.seqlen} tokens). torch "
+             f"{torch.__version__}, {args.threads or torch.get_num_threads()} thread(s) per process, "
+             f"{args.jobs} row(s) at a time. Peak MB: resident high-water mark during the fit (model, gradients, "
+             f"optimizer state, activations).")  # fmt: skip
+    write_results("finetune", {"setting": vars(args), "runs": runs},
+                  ["row", "exact match", "steps", "s/step", "peak MB (fit)", "probe loss", "trained params"], rows,
+                  notes)  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="dense:base,dense:full,dense:lora,dense:s2ft")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--limit", type=int, default=200, help="test questions scored")
+    parser.add_argument("--nsamples", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=128)
+    parser.add_argument("--merge", action="store_true", help="keep the other rows of finetune.json")
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--one", nargs=1, metavar="ROW", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args, args.one[0])))
+        return
+    names = [n for n in args.rows.split(",") if n]
+    for name in names:
+        parts = name.split(":")
+        ok = (len(parts) == 2 and parts[0] == "dense" and parts[1] in DENSE) or (
+            len(parts) == 3 and parts[0] in ("wanda", "sparsegpt") and parts[2] in SPARSE)  # fmt: skip
+        if not ok:
+            sys.exit(f"row {name!r} is not dense:{'|'.join(DENSE)} or wanda|sparsegpt:SPARSITY:{'|'.join(SPARSE)}")
+    passed = ["--steps", str(args.steps), "--batch", str(args.batch), "--limit", str(args.limit),
+              "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]  # fmt: skip
+
+    def on_done(runs: dict) -> None:
+        stored = json.loads((RESULTS / "finetune.json").read_text()) if args.merge and \
+            (RESULTS / "finetune.json").exists() else {}  # fmt: skip
+        report(args, {**stored.get("runs", {}), **runs})
+
+    run_many(__file__, passed, {n: [n] for n in names}, args.jobs, args.threads, on_done)
+
+
+if __name__ == "__main__":
+    main()
