@@ -405,3 +405,27 @@ def test_an_s2ft_adapter_saves_alone_fuses_unfuses_exactly_and_switches(workspac
         err = one_line_error(monkeypatch, capsys, *common[:5], "--method", method, "--adapter-only", "--out",
                              tmp_path / "x")  # fmt: skip
         assert "--adapter-only" in err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_streamed_generation_equals_the_in_memory_one(tmp_path, arch):
+    from sparsefit.app.jobs import evaluate_model, evaluate_streamed
+    from sparsefit.models import load
+
+    model, tokenizer = make_tiny_model(arch, layers=2), make_byte_tokenizer()
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    data = write_jsonl(tmp_path / "d.jsonl", sums(40))
+    loaded = load(str(tmp_path / "m"))
+    whole = evaluate_model(loaded.model, loaded.tokenizer, ppl=[], tasks=[str(data)])["tasks"][str(data)]
+    streamed = evaluate_streamed(tmp_path / "m", ppl=[], tasks=[str(data)])["tasks"][str(data)]
+    assert [s["generation"] for s in streamed["samples"]] == [s["generation"] for s in whole["samples"]]
+    assert streamed["exact_match"] == whole["exact_match"] and streamed["n"] == whole["n"] == 8
+    from sparsefit.app.streamed import open_streamed
+    from sparsefit.data.task import prompt_ids
+    from sparsefit.evaluate.exact_match import streamed_greedy_generate
+
+    opened = open_streamed(tmp_path / "m", torch.float32)
+    prompts = [prompt_ids(tokenizer, e) for e in load_examples(str(data), "all")[:12]]
+    ours = streamed_greedy_generate(opened.source, opened.tokenizer, prompts, max_new_tokens=6, until=("=",))
+    assert ours == greedy_generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=6, until=("=",))

@@ -389,12 +389,13 @@ def eval_(
 
         check_run_folder(model)  # before any work: --record needs a run folder
     device_ = resolve_device(device)
-    # Generation loads the model whole; so does an adapter-only folder (its base, with the adapter fused).
-    folder = streamable(model) if not generative and not is_adapter_folder(model) else None
+    # An adapter-only folder loads whole: its base, with the adapter fused.
+    folder = streamable(model) if not is_adapter_folder(model) else None
     if folder is not None:
         # A local safetensors folder is walked block by block: any size fits.
         results = evaluate_streamed(folder, ppl=parse_list(ppl), seqlen=seqlen, max_tokens=max_tokens,
-                                    tasks=parse_list(tasks), limit=limit, device=device_, progress=bar)  # fmt: skip
+                                    tasks=parse_list(tasks), limit=limit, device=device_, progress=bar,
+                                    chat_template=chat_template)  # fmt: skip
     else:
         loaded = load_tuned(model)
         results = evaluate_model(loaded.model, loaded.tokenizer, ppl=parse_list(ppl), seqlen=seqlen,

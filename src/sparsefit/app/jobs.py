@@ -117,19 +117,21 @@ def evaluate_model(
 def evaluate_streamed(
     folder: Path, *, ppl: list[str], seqlen: int = defaults.EVAL_SEQLEN, max_tokens: int | None = None,
     tasks: list[str] | None = None, limit: int | None = None, device: torch.device | str = "cpu",
-    progress: Bar = silent,
+    progress: Bar = silent, chat_template: bool = True,
 ) -> dict:  # fmt: skip
-    """Perplexity and zero-shot accuracy of a local safetensors folder, one block in memory at a time (perplexity:
-    the numbers of :func:`evaluate_model`, bit for bit on the CPU; zero-shot: up to float rounding, as nothing is
-    padded here)."""
+    """Perplexity, zero-shot accuracy and generative tasks' exact match of a local safetensors folder, one block in
+    memory at a time (perplexity: the numbers of :func:`evaluate_model`, bit for bit on the CPU; zero-shot and
+    generation: up to float rounding, as nothing is padded here)."""
     from sparsefit.evaluate.perplexity import streamed_perplexity
     from sparsefit.evaluate.zeroshot import streamed_tasks
 
     check(seqlen > 0, f"seqlen {seqlen} must be a positive number of tokens")
     check(max_tokens is None or max_tokens >= seqlen, f"max-tokens {max_tokens} is shorter than seqlen {seqlen}")
     corpora = [get_corpus(name) for name in ppl]
-    task_names = parse_tasks(",".join(tasks)) if tasks else []
+    zero_shot = [name for name in parse_list(tasks) if not is_generative(name)]
+    task_names = parse_tasks(",".join(zero_shot)) if zero_shot else []
     opened = open_streamed(folder, torch.float32)
+    generative = [load_generative(name, limit, opened.tokenizer) for name in parse_list(tasks) if is_generative(name)]
     if corpora:
         check_seqlen(opened.source.model.config, seqlen)
     results: dict = {"ppl": {}} if corpora else {}
@@ -149,6 +151,12 @@ def evaluate_streamed(
                     opened.source, opened.tokenizer, [task], limit=limit, device=device,
                     progress=lambda _task, done, total: update(done=done, total=total),
                 ))  # fmt: skip
+    for task in generative:  # greedy generation, one walk of the blocks per new token
+        with progress(f"generate {task.name}", len(task.examples)) as update:
+            results.setdefault("tasks", {})[task.name] = exact_match(
+                None, opened.tokenizer, task, device=device, chat_template=chat_template, source=opened.source,
+                progress=lambda done, total: update(done=done, total=total),
+            )  # fmt: skip
     return results
 
 

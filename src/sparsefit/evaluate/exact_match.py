@@ -217,15 +217,58 @@ def greedy_generate(
     return outputs
 
 
+@torch.no_grad()
+def streamed_greedy_generate(
+    source, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, until: tuple[str, ...] = (),
+    device: torch.device | str = "cpu", progress: Progress | None = None,
+) -> list[str]:  # fmt: skip
+    """:func:`greedy_generate` for a model whose blocks stream from its shards (``source``: a
+    :class:`~sparsefit.walk.blocks.StreamedBlocks`, one block in memory): each new token is one walk of every
+    unfinished sequence through the blocks (no KV cache: the whole sequence again), so ``max_new_tokens`` walks
+    at most. Sequences of one length go together, unpadded. ``progress(done, total)`` counts finished prompts."""
+    from sparsefit.evaluate.streamed import streamed_head, walk_hidden
+
+    eos = tokenizer.eos_token_id
+    new: list[list[int]] = [[] for _ in prompts]
+    active = list(range(len(prompts)))
+    for _ in range(max_new_tokens):
+        if not active:
+            break
+        groups: dict[int, list[int]] = {}
+        for i in active:
+            groups.setdefault(len(prompts[i]) + len(new[i]), []).append(i)
+        members = list(groups.values())
+        hidden = walk_hidden(source, [torch.tensor([prompts[i] + new[i] for i in group]) for group in members],
+                             device=device)  # fmt: skip
+        with streamed_head(source, device) as head:
+            for group, states in zip(members, hidden, strict=True):
+                for row, i in enumerate(group):
+                    ids = torch.tensor([prompts[i] + new[i]])
+                    new[i].append(int(head(ids, states[row : row + 1], logits_to_keep=1)[0, -1].argmax()))
+        text = {i: tokenizer.decode(new[i], skip_special_tokens=True) for i in active}
+        active = [i for i in active if new[i][-1] != eos and not any(stop and stop in text[i] for stop in until)]
+        if progress is not None:
+            progress(len(prompts) - len(active), len(prompts))
+    return [tokenizer.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens, skip_special_tokens=True)
+            for tokens in new]  # fmt: skip
+
+
 def exact_match(
-    model: nn.Module, tokenizer, task: GenerativeTask, *, batch_size: int = BATCH,
+    model: nn.Module | None, tokenizer, task: GenerativeTask, *, batch_size: int = BATCH,
     device: torch.device | str = "cpu", chat_template: bool = True, progress: Progress | None = None,
+    source=None,
 ) -> dict:  # fmt: skip
     """``{"exact_match", "n"}`` (and the task's other metrics) of ``model`` on ``task``, plus the first few
-    generations (the prompt's end, the gold answer, the generation) for a reader to check."""
+    generations (the prompt's end, the gold answer, the generation) for a reader to check. With ``source`` (a
+    model streamed from its shards) the generations are :func:`streamed_greedy_generate`'s."""
     prompts = [prompt_ids(tokenizer, example, chat_template) for example in task.examples]
-    generations = greedy_generate(model, tokenizer, prompts, max_new_tokens=task.max_new_tokens, until=task.until,
-                                  batch_size=batch_size, device=device, progress=progress)  # fmt: skip
+    if source is not None:
+        generations = streamed_greedy_generate(source, tokenizer, prompts, max_new_tokens=task.max_new_tokens,
+                                               until=task.until, device=device, progress=progress)  # fmt: skip
+    else:
+        generations = greedy_generate(model, tokenizer, prompts, max_new_tokens=task.max_new_tokens,
+                                      until=task.until, batch_size=batch_size, device=device,
+                                      progress=progress)  # fmt: skip
     verdicts = [task.scores(text, example) for text, example in zip(generations, task.examples, strict=True)]
     result: dict = {name: sum(v[name] for v in verdicts) / len(verdicts) for name in verdicts[0]}
     samples = [{"prompt": e.prompt[-200:], "gold": e.answer, "generation": g}
