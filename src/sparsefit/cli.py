@@ -325,8 +325,8 @@ def finetune(
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
     option: list[str] = OPTION,
-    adapter_only: bool = typer.Option(False, "--adapter-only", help="s2ft: save the adapter apart from the base "
-                                                                    "(fuses and unfuses exactly)"),
+    adapter_only: bool = typer.Option(False, "--adapter-only", help="lora, s2ft: save the adapter apart from the "
+                                                                    "base (fuses and unfuses exactly)"),
     out: Path = typer.Option(..., help="output run folder"),
     overwrite: bool = typer.Option(False),
 ) -> None:

@@ -28,13 +28,16 @@ from sparsefit.progress import Bar, silent
 from sparsefit.prune import parse_pattern, sparsity_summary
 from sparsefit.recover import RecoveryContext
 from sparsefit.recover.base import AUTO
+from sparsefit.recover.lora import LORA_FILE, LoRAAdapter
 from sparsefit.recover.s2ft import ADAPTER_FILE, S2Adapter
 from sparsefit.walk import resolve_device
 from sparsefit.walk.targets import check_teacher
 
 METHODS = ("full", "lora", "s2ft", "squarehead")
-ADAPTER_METHODS = ("s2ft",)  # an adapter that fuses into the base and unfuses exactly
+# The methods whose update is an adapter apart from the base, which fuses into it and unfuses exactly: its file.
+ADAPTER_METHODS = {"lora": LORA_FILE, "s2ft": ADAPTER_FILE}
 ADAPTER_JSON = "adapter.json"
+ADAPTERS = {"lora": LoRAAdapter, "s2ft": S2Adapter}
 # What a teacher must share with the student for SquareHead's hidden-state loss (read from config.json).
 TEACHER_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
 
@@ -96,10 +99,11 @@ def run_finetune(
 
     ``warn(line)`` hears, before the model loads, what the run will do that a user may not expect (it is also
     recorded in run.json). ``adapter_only`` (S²FT): the folder holds the adapter and a pointer to the base
-    instead of a whole checkpoint; :func:`load_tuned` loads the base and fuses it."""
+    instead of a whole checkpoint; :func:`load_tuned` loads the base and fuses it (LoRA, S²FT)."""
     check(method_name in METHODS, f"finetune method {method_name!r} is not one of {', '.join(METHODS)}")
-    check(not adapter_only or method_name in ADAPTER_METHODS, f"--adapter-only saves an adapter apart from the base: "
-          f"{method_name} trains the model's own weights and has none (use {' or '.join(ADAPTER_METHODS)})")
+    check(not adapter_only or method_name in ADAPTER_METHODS,
+          f"--adapter-only saves an adapter apart from the base: {method_name} trains the model's own weights and "
+          f"has none (use {' or '.join(ADAPTER_METHODS)})")  # fmt: skip
     check(isinstance(max_length, int) and max_length >= 2,
           f"max length {max_length!r} must be at least 2 tokens")  # fmt: skip
     examples = load_examples(data, "train", max_examples)  # every line checked, before any model loads
@@ -175,7 +179,8 @@ def _base_spec(model: str) -> str:
 
 def save_adapter(out: Path, model: str, run: dict, files: dict[str, bytes], overwrite: bool) -> None:
     """An adapter-only folder: the adapter file, ``adapter.json`` (its method and base), run.json, recovery.json."""
-    pointer = {"method": run["finetune"]["method"], "base": _base_spec(model), "file": ADAPTER_FILE}
+    method = run["finetune"]["method"]
+    pointer = {"method": method, "base": _base_spec(model), "file": ADAPTER_METHODS[method]}
 
     def writer(tmp: Path) -> None:
         for name, data in files.items():
@@ -197,9 +202,9 @@ def load_tuned(spec: str) -> LoadedModel:
     folder = Path(spec).expanduser()
     try:
         pointer = json.loads((folder / ADAPTER_JSON).read_text())
-        base, file = pointer["base"], pointer["file"]
+        base, file, kind = pointer["base"], pointer["file"], ADAPTERS[pointer["method"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"{str(folder / ADAPTER_JSON)!r} is damaged ({type(exc).__name__}); finetune again") from None
     loaded = load(base)
-    S2Adapter.load(loaded.model, folder / file).fuse()
+    kind.load(loaded.model, folder / file).fuse()
     return LoadedModel(loaded.model, loaded.tokenizer, str(folder))

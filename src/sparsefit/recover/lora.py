@@ -11,13 +11,15 @@ on C4 with fp16 autocast; sparsefit on the calibration windows in the model's dt
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import asdict, dataclass
 
+import torch
 from torch import nn
 
 from sparsefit.errors import UsageError, check
-from sparsefit.models.adapters import is_prunable
+from sparsefit.models.adapters import is_prunable, weight_matrix
 from sparsefit.prune.report import sparsity_report
 from sparsefit.recover.base import ModelMethod, RecoveryContext
 from sparsefit.recover.training import (
@@ -62,6 +64,98 @@ PRESETS: dict[str, LoRAConfig] = {
 }
 
 
+LORA_FORMAT = "sparsefit-lora-1"  # the adapter file's metadata "format"
+LORA_FILE = "lora_adapter.safetensors"
+
+
+class LoRAAdapter:
+    """A trained LoRA update apart from its base: each adapted layer's factors ``A`` (r, in) and ``B`` (out, r) and
+    its scaling. ``fuse`` writes ``W + (B @ A) * scaling`` (peft's merge, the same operations in the same order)
+    with the base's zeros kept, ``unfuse`` restores the base's exact values; switching adapters reloads nothing."""
+
+    def __init__(self, layers: dict[str, nn.Module], factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
+                 keep_masks: bool = True) -> None:  # fmt: skip
+        self.layers, self.factors, self.keep_masks = layers, factors, keep_masks
+        self.originals = {name: weight_matrix(layer).detach().clone() for name, layer in layers.items()}
+        self.fused = False
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        if self.fused:
+            return
+        for name, layer in self.layers.items():
+            a, b, scaling = self.factors[name]
+            original = self.originals[name]
+            merged = original + (b.to(original) @ a.to(original)) * scaling
+            if self.keep_masks:  # masked_fill, as apply_masks re-masks a merged LoRA
+                merged = merged.masked_fill(original == 0, 0)
+            weight_matrix(layer).copy_(merged)
+        self.fused = True
+
+    @torch.no_grad()
+    def unfuse(self) -> None:
+        if not self.fused:
+            return
+        for name, layer in self.layers.items():
+            weight_matrix(layer).copy_(self.originals[name])
+        self.fused = False
+
+    def remove(self) -> None:
+        """Nothing is attached to the model while unfused (kept for the same interface as S²FT's adapter)."""
+
+    def to_bytes(self) -> bytes:
+        return adapter_bytes(self.factors, self.keep_masks)
+
+    @classmethod
+    def load(cls, model: nn.Module, path) -> LoRAAdapter:
+        from safetensors import safe_open
+
+        where = str(path)
+        try:
+            with safe_open(where, framework="pt") as handle:
+                meta = handle.metadata() or {}
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise UsageError(f"lora adapter {where!r} cannot be read ({type(exc).__name__}: {exc})") from None
+        if meta.get("format") != LORA_FORMAT:
+            raise UsageError(f"{where!r} is not a lora adapter (format {meta.get('format')!r})")
+        layers, factors = {}, {}
+        for name, scaling in json.loads(meta["scaling"]).items():
+            try:
+                layer = model.get_submodule(name)
+            except AttributeError:
+                raise UsageError(f"lora adapter {where!r} names layer {name!r}, which this model lacks") from None
+            a, b = tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
+            if (b.shape[0], a.shape[1]) != tuple(weight_matrix(layer).shape):
+                raise UsageError(f"lora adapter {where!r} does not fit layer {name!r} of this model")
+            layers[name], factors[name] = layer, (a, b, float(scaling))
+        return cls(layers, factors, json.loads(meta.get("keep_masks", "true")))
+
+
+def adapter_bytes(factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]], keep_masks: bool) -> bytes:
+    """The adapter file (safetensors) of ``factors``: each layer's A and B, the scalings in the metadata."""
+    from safetensors.torch import save
+
+    tensors = {}
+    for name, (a, b, _) in factors.items():
+        tensors[f"{name}.lora_A"] = a.detach().cpu().contiguous()
+        tensors[f"{name}.lora_B"] = b.detach().cpu().contiguous()
+    scalings = {name: scaling for name, (_, _, scaling) in factors.items()}
+    return save(tensors, metadata={"format": LORA_FORMAT, "scaling": json.dumps(scalings),
+                                   "keep_masks": json.dumps(keep_masks)})  # fmt: skip
+
+
+def lora_factors(peft_model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Each adapted layer's (A, B, scaling) by the base model's layer name, read off a peft model."""
+    factors = {}
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            base_name = name.removeprefix("base_model.model.")
+            factors[base_name] = (module.lora_A["default"].weight.detach().clone(),
+                                  module.lora_B["default"].weight.detach().clone(), float(module.scaling["default"]))
+    return factors
+
+
 def target_layers(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
     """Qualified names of the linear layers whose last name part is one of ``targets``."""
     return [name for name, module in model.named_modules() if is_prunable(module) and name.split(".")[-1] in targets]
@@ -86,6 +180,10 @@ class LoRA(ModelMethod):
     name = "lora"
     trains = True
     presets = PRESETS
+    writes = (LORA_FILE,)
+
+    def artifacts(self, report: dict) -> dict[str, bytes]:
+        return {LORA_FILE: report["adapter_file"]} if "adapter_file" in report else {}
 
     def normalize(self, options: dict) -> dict:
         return split_names(options, "targets", self.name, "q_proj,v_proj")
@@ -113,7 +211,11 @@ class LoRA(ModelMethod):
         with warnings.catch_warnings():
             # peft calls a transformers API deprecated in transformers 5 (is_gradient_checkpointing): not ours to fix.
             warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
-            peft_model = get_peft_model(model, peft_config)
+            # peft draws A's initial values from the global generator: seeded, so a run does not depend on what
+            # ran before it in the process (the global state is restored afterwards).
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                peft_model = get_peft_model(model, peft_config)
         merged = False
         report: dict = {"config": config.to_dict()}
         try:
@@ -129,6 +231,7 @@ class LoRA(ModelMethod):
             if ctx.evaluate is not None:
                 # The adapter as trained (dense low-rank update beside the sparse weights), before merging.
                 report["unmerged"] = ctx.evaluate(peft_model)
+            factors = lora_factors(peft_model)
             peft_model.merge_and_unload()
             merged = True
         finally:
@@ -137,6 +240,8 @@ class LoRA(ModelMethod):
             for param, flag in flags:
                 param.requires_grad_(flag)
             model.to("cpu")
+        # The adapter apart from the model: written beside the merged model, or alone (--adapter-only).
+        report["adapter_file"] = adapter_bytes(factors, keep_masks=not ctx.pattern.slim)
         if ctx.pattern.slim:  # a structured model has no mask: the merged update is kept whole
             report["saved"] = "merged (structured: no mask to re-apply)"
             return report
