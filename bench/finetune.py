@@ -11,7 +11,8 @@ after interleaved EBFT on the task's text (``ebft``, ``quick`` preset). Every tr
     .venv/bin/python bench/finetune.py --rows dense:base,dense:full,dense:lora,dense:s2ft
     .venv/bin/python bench/finetune.py --merge --rows wanda:0.5:pruned,wanda:0.5:ce,wanda:0.5:squarehead
 
-A row is ``dense:base|full|lora|s2ft`` or ``METHOD:SPARSITY:pruned|ce|squarehead|ebft``; sparse rows need the
+A row is ``dense:base|full|lora|s2ft`` or ``METHOD:SPARSITY:pruned|ce|squarehead|ebft``, a training row with an
+optional ``@LR`` (``dense:full@3e-4``: another rate than ``RATES``'s, for a rate sweep); sparse rows need the
 ``dense:full`` row's model (kept under ~/.cache/sparsefit/bench/finetune). Writes bench/results/finetune.{json,md};
 ``--merge`` keeps the rows measured before. Run it alone on idle cores: the seconds per step are timings.
 """
@@ -60,7 +61,7 @@ def score(model, tokenizer, limit: int) -> dict:
     return {"exact_match": result["exact_match"], "n": result["n"], "eval_s": time.perf_counter() - began}
 
 
-def train(loaded, method_name: str, args, teacher=None) -> dict:
+def train(loaded, method_name: str, args, teacher=None, lr: float | None = None) -> dict:
     from sparsefit.data.task import encode_examples, load_examples
     from sparsefit.prune import parse_pattern
     from sparsefit.recover import RecoveryContext, get_method
@@ -69,8 +70,8 @@ def train(loaded, method_name: str, args, teacher=None) -> dict:
     data = encode_examples(loaded.tokenizer, examples, 256)
     method = get_method("full" if method_name == "ce" else method_name)
     options = {"epochs": 1, "batch_size": args.batch}
-    if method_name != "squarehead":
-        options["lr"] = RATES[method_name]
+    if lr is not None or method_name != "squarehead":
+        options["lr"] = lr if lr is not None else RATES[method_name]
     config = method.configure(options)
     ctx = RecoveryContext(model=loaded.model, teacher=teacher if teacher is not None else loaded.model,
                           tokenizer=loaded.tokenizer, calib_ids=data, pattern=parse_pattern("unstructured"),
@@ -88,14 +89,16 @@ def measure(args: argparse.Namespace, name: str) -> dict:
     from sparsefit.models import load
 
     torch.manual_seed(0)
+    name, _, rate = name.partition("@")
+    lr = float(rate) if rate else None
     parts = name.split(":")
     teacher_dir = work_dir() / "teacher"
     if parts[0] == "dense":
         loaded = load(MODEL)
         row: dict = {"status": "ok"}
         if parts[1] != "base":
-            row.update(train(loaded, parts[1], args))
-        if parts[1] == "full":
+            row.update(train(loaded, parts[1], args, lr=lr))
+        if parts[1] == "full" and lr is None:  # the tuned teacher of the sparse rows
             loaded.model.save_pretrained(teacher_dir)
             loaded.tokenizer.save_pretrained(teacher_dir)
         return {**row, **score(loaded.model, loaded.tokenizer, args.limit)}
@@ -121,7 +124,7 @@ def measure(args: argparse.Namespace, name: str) -> dict:
         loaded = load(str(pruned_dir))
         if lever in ("ce", "squarehead"):
             teacher = load(str(teacher_dir)).model if lever == "squarehead" else None
-            row.update(train(loaded, lever, args, teacher))
+            row.update(train(loaded, lever, args, teacher, lr=lr))
     return {**row, **score(loaded.model, loaded.tokenizer, args.limit)}
 
 
@@ -170,7 +173,7 @@ def main() -> None:
         return
     names = [n for n in args.rows.split(",") if n]
     for name in names:
-        parts = name.split(":")
+        parts = name.partition("@")[0].split(":")
         ok = (len(parts) == 2 and parts[0] == "dense" and parts[1] in DENSE) or (
             len(parts) == 3 and parts[0] in ("wanda", "sparsegpt") and parts[2] in SPARSE)  # fmt: skip
         if not ok:
