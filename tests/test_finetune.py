@@ -431,3 +431,18 @@ def test_streamed_generation_equals_the_in_memory_one(tmp_path, arch):
     prompts = [prompt_ids(tokenizer, e) for e in load_examples(str(data), "all")[:12]]
     ours = streamed_greedy_generate(opened.source, opened.tokenizer, prompts, max_new_tokens=6, until=("=",))
     assert ours == greedy_generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=6, until=("=",))
+
+
+def test_a_task_is_calibration_text_split_as_the_task(tmp_path):
+    from sparsefit.data import calibration_windows, get_corpus
+
+    corpus = get_corpus("arithmetic")
+    assert len(corpus.calib) == 2400 and len(corpus.test) == 600
+    assert corpus.calib[0] == "Calculate 5 + 91 = 96"  # prompt then completion, the training questions only
+    test_prompts = {e.prompt for e in load_examples("arithmetic", "test")}
+    assert not any(doc.rsplit(" = ", 1)[0] + " =" in test_prompts for doc in corpus.calib[:300])
+    path = write_jsonl(tmp_path / "t.jsonl", sums(20))
+    task = get_corpus(str(path))
+    assert task.calib == tuple(e.prompt + e.completion for e in load_examples(str(path), "train"))
+    windows = calibration_windows(make_byte_tokenizer(), task, nsamples=4, seqlen=16, seed=0)
+    assert windows.shape == (4, 16)

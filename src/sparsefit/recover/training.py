@@ -482,7 +482,7 @@ def fit_model(
     log = train_loop(
         model, params, on_windows(loss_fn), n_train, config, steps=steps, seed=config.seed, after_step=after_step,
         heldout_loss=held, initial_heldout=held() if held else None, progress=progress, shard=shard,
-        lengths=getattr(calib_ids, "lengths", None)[:n_train] if isinstance(calib_ids, TaskSet) else None,
+        lengths=calib_ids.lengths[:n_train] if isinstance(calib_ids, TaskSet) else None,
     )  # fmt: skip
     result = log.to_dict()
     result["tokens"] = log.windows * seqlen  # task examples: an upper bound (seqlen is the longest example)
