@@ -186,6 +186,9 @@ def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), overwrite: bool =
                                           seed=config.seed)  # fmt: skip
         check(recipe.finetune["method"] in FINETUNE_METHODS, f"recipe finetune method {tune.name!r} is not one of "
               f"{', '.join(FINETUNE_METHODS)}")  # fmt: skip
+    stray = sorted(set(recipe.recover or {}) & set(TASK_KEYS) - {"data"})
+    check(not stray or "data" in recipe.recover, f"recipe recover {', '.join(stray)} go with data: (a task to "
+                                                 "recover on)")  # fmt: skip
     if recipe.recover is not None and "data" in recipe.recover:
         recover_task = task_section(recipe.recover, "recipe recover")
         check(not method.blockwise, f"recipe recover {method.name!r} works block by block on calibration windows; "
