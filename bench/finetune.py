@@ -150,7 +150,7 @@ def report(args: argparse.Namespace, runs: dict[str, dict]) -> None:
              f"{torch.__version__}, {args.threads or torch.get_num_threads()} thread(s) per process, "
              f"{args.jobs} row(s) at a time. Peak MB: resident high-water mark during the fit (model, gradients, "
              f"optimizer state, activations).")  # fmt: skip
-    write_results("finetune", {"setting": vars(args), "runs": runs},
+    write_results(args.name, {"setting": vars(args), "runs": runs},
                   ["row", "exact match", "steps", "s/step", "peak MB (fit)", "probe loss", "trained params"], rows,
                   notes)  # fmt: skip
 
@@ -163,7 +163,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=200, help="test questions scored")
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=128)
-    parser.add_argument("--merge", action="store_true", help="keep the other rows of finetune.json")
+    parser.add_argument("--merge", action="store_true", help="keep the other rows of the results file")
+    parser.add_argument("--name", default="finetune", help="results file name under bench/results")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--one", nargs=1, metavar="ROW", help=argparse.SUPPRESS)
@@ -182,8 +183,8 @@ def main() -> None:
               "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]  # fmt: skip
 
     def on_done(runs: dict) -> None:
-        stored = json.loads((RESULTS / "finetune.json").read_text()) if args.merge and \
-            (RESULTS / "finetune.json").exists() else {}  # fmt: skip
+        path = RESULTS / f"{args.name}.json"
+        stored = json.loads(path.read_text()) if args.merge and path.exists() else {}
         report(args, {**stored.get("runs", {}), **runs})
 
     run_many(__file__, passed, {n: [n] for n in names}, args.jobs, args.threads, on_done)

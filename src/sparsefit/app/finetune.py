@@ -77,6 +77,15 @@ def _source_of(model: str) -> tuple[str | None, str]:
     return None, "unstructured"
 
 
+def task_defaults(method_name: str, options: dict) -> dict:
+    """``options`` over the task defaults (app/defaults.py: one pass in batches of 8, the method's task rate) when
+    they name no preset; a named preset keeps its own epochs, batch and rate."""
+    if options.get("preset") not in (None, AUTO):
+        return options
+    rate = {"lr": defaults.FINETUNE_LR[method_name]} if method_name in defaults.FINETUNE_LR else {}
+    return {"epochs": defaults.FINETUNE_EPOCHS, "batch_size": defaults.FINETUNE_BATCH, **rate, **options}
+
+
 def run_finetune(
     model: str,
     data: str,
@@ -110,8 +119,7 @@ def run_finetune(
     device_ = resolve_device(device)
     source, pattern = _source_of(model)
     options = dict(options or {})
-    if options.get("preset") in (None, AUTO):  # a named preset keeps its own epochs and batch
-        options = {"epochs": defaults.FINETUNE_EPOCHS, "batch_size": defaults.FINETUNE_BATCH, **options}
+    options = task_defaults(method_name, options)
     method, config = choose_method(method_name, options, len(examples), device_, pattern=pattern, seed=seed)
     warning = None
     if method_name == "squarehead":

@@ -41,6 +41,7 @@ from sparsefit import distributed
 from sparsefit.app import defaults
 from sparsefit.app import guard as model_guard
 from sparsefit.app.finetune import METHODS as FINETUNE_METHODS
+from sparsefit.app.finetune import task_defaults
 from sparsefit.app.jobs import choose_method, evaluate_model, recovery_files, save_run, versions
 from sparsefit.app.reports import gap_closed_both, recipe_report
 from sparsefit.atomic import check_output, check_run_name, write_file_atomically
@@ -167,9 +168,14 @@ def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), overwrite: bool =
     config.validate()
     device = resolve_device(recipe.device)
     method = method_config = None
+    recover_task = None
     if recipe.recover is not None:
-        method, method_config = choose_method(recipe.recover["method"], recipe.recover_options(), config.nsamples,
-                                              device, pattern=config.pattern, seed=config.seed)  # fmt: skip
+        options, n_windows = recipe.recover_options(), config.nsamples
+        if "data" in recipe.recover:  # on a task: its examples, and the task defaults (as `sparsefit finetune`)
+            recover_task = task_section(recipe.recover, "recipe recover")
+            options, n_windows = task_defaults(recipe.recover["method"], options), len(recover_task.examples)
+        method, method_config = choose_method(recipe.recover["method"], options, n_windows, device,
+                                              pattern=config.pattern, seed=config.seed)  # fmt: skip
     polish = polish_config = None
     if recipe.polish is not None:
         polish, polish_config = choose_method(recipe.polish["method"], recipe.polish_options(), config.nsamples,
@@ -177,11 +183,11 @@ def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), overwrite: bool =
         check(not polish.blockwise, f"recipe polish {polish.name!r} works block by block; the polish pass is a "
               "whole-model method (squarehead, lora or s2ft)")  # fmt: skip
     tune = tune_config = None
-    tune_task = recover_task = None
+    tune_task = None
     if recipe.finetune is not None:
         tune_task = task_section(recipe.finetune, "recipe finetune")
         options = {k: v for k, v in recipe.finetune.items() if k != "method" and k not in TASK_KEYS}
-        options = {"epochs": defaults.FINETUNE_EPOCHS, "batch_size": defaults.FINETUNE_BATCH, **options}
+        options = task_defaults(recipe.finetune["method"], options)
         tune, tune_config = choose_method(recipe.finetune["method"], options, len(tune_task.examples), device,
                                           seed=config.seed)  # fmt: skip
         check(recipe.finetune["method"] in FINETUNE_METHODS, f"recipe finetune method {tune.name!r} is not one of "
@@ -189,8 +195,7 @@ def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), overwrite: bool =
     stray = sorted(set(recipe.recover or {}) & set(TASK_KEYS) - {"data"})
     check(not stray or "data" in recipe.recover, f"recipe recover {', '.join(stray)} go with data: (a task to "
                                                  "recover on)")  # fmt: skip
-    if recipe.recover is not None and "data" in recipe.recover:
-        recover_task = task_section(recipe.recover, "recipe recover")
+    if recover_task is not None:
         check(not method.blockwise, f"recipe recover {method.name!r} works block by block on calibration windows; "
               f"to recover it on the task's text, set prune calib: {recipe.recover['data']}")  # fmt: skip
     evaluation = recipe.eval
