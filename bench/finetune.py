@@ -34,9 +34,10 @@ from common import RESULTS, peak_rss_mb, run_many, write_results  # noqa: E402
 MODEL = "smollm2-135m"
 DENSE = ("base", "full", "lora", "s2ft")
 SPARSE = ("pruned", "ce", "squarehead", "ebft")
-# The learning rate of each method at these budgets: full fine-tuning's 1e-4 measured on SmolLM2 (100 steps of 8:
-# 0.135 -> 0.26 exact match on 200 test questions); LoRA's and S²FT's from their `cpu` presets.
-RATES = {"full": 1e-4, "ce": 1e-4, "lora": 3e-3, "s2ft": 1e-2}
+# The learning rate of each training row unless the row names one (``@LR``). The first table (bench/results/
+# finetune.md) ran with full and ce 1e-4 and S²FT's recovery rate 1e-2; the rate sweep (finetune_rates.md) then
+# set the task defaults of app/defaults.py (full 3e-5, S²FT 1e-3), which these follow. Each row records its rate.
+RATES = {"full": 3e-5, "ce": 3e-5, "lora": 3e-3, "s2ft": 1e-3}
 
 
 def work_dir() -> Path:
@@ -139,20 +140,21 @@ def report(args: argparse.Namespace, runs: dict[str, dict]) -> None:
             rows.append([name, "failed: " + run.get("error", "")[:80], "", "", "", "", ""])
             continue
         loss = f"{run['loss'][0]:.3f} -> {run['loss'][1]:.3f}" if "loss" in run else ""
-        rows.append([name, f"{run['exact_match']:.3f}", str(run.get("steps", "")), cell(run, "s_per_step", ".2f"),
-                     cell(run, "train_peak_rss_mb", ".0f"), loss, cell(run, "trainable_params", ",")])  # fmt: skip
+        rows.append([name, f"{run['exact_match']:.3f}", str(run.get("steps", "")), cell(run, "lr", "g"),
+                     cell(run, "s_per_step", ".2f"), cell(run, "train_peak_rss_mb", ".0f"), loss,
+                     cell(run, "trainable_params", ",")])  # fmt: skip
     notes = (f"SmolLM2-135M on `arithmetic` (train: the first steps x batch of its 2,400 training questions; exact "
              f"match on the first {args.limit} of its 600 test questions, greedy). Every training row: "
-             f"{args.steps} steps of {args.batch} questions, one pass, lr: full and ce {RATES['full']}, LoRA "
-             f"{RATES['lora']} (r 8, q/v), S²FT {RATES['s2ft']} (the `cpu` preset's heads and channels), SquareHead "
-             f"its `cpu` preset's (4 x the paper's table). Sparse rows prune the `dense:full` model with the task's "
+             f"{args.steps} steps of {args.batch} questions, one pass, at the row's rate (LoRA r 8 on q/v; S²FT the "
+             f"`cpu` preset's heads and channels; SquareHead its `cpu` preset's rate, 4 x the paper's table). "
+             f"Sparse rows prune the `dense:full` model with the task's "
              f"training text as calibration ({args.nsamples} x {args.seqlen} tokens). torch "
              f"{torch.__version__}, {args.threads or torch.get_num_threads()} thread(s) per process, "
              f"{args.jobs} row(s) at a time. Peak MB: resident high-water mark during the fit (model, gradients, "
-             f"optimizer state, activations).")  # fmt: skip
+             f"optimizer state, activations). {args.context}")  # fmt: skip
     write_results(args.name, {"setting": vars(args), "runs": runs},
-                  ["row", "exact match", "steps", "s/step", "peak MB (fit)", "probe loss", "trained params"], rows,
-                  notes)  # fmt: skip
+                  ["row", "exact match", "steps", "lr", "s/step", "peak MB (fit)", "probe loss", "trained params"],
+                  rows, notes)  # fmt: skip
 
 
 def main() -> None:
@@ -165,6 +167,7 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--merge", action="store_true", help="keep the other rows of the results file")
     parser.add_argument("--name", default="finetune", help="results file name under bench/results")
+    parser.add_argument("--context", default="", help="a sentence on how the run was made, for the notes")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--one", nargs=1, metavar="ROW", help=argparse.SUPPRESS)
