@@ -446,3 +446,14 @@ def test_a_task_is_calibration_text_split_as_the_task(tmp_path):
     assert task.calib == tuple(e.prompt + e.completion for e in load_examples(str(path), "train"))
     windows = calibration_windows(make_byte_tokenizer(), task, nsamples=4, seqlen=16, seed=0)
     assert windows.shape == (4, 16)
+
+
+def test_the_shipped_squarehead_recipe_loads():
+    from pathlib import Path
+
+    from sparsefit.app.recipe import Recipe
+
+    recipe = Recipe.load(Path(__file__).parent.parent / "recipes" / "squarehead-arithmetic.yaml")
+    assert recipe.finetune["method"] == "full" and recipe.finetune["data"] == "arithmetic"
+    assert recipe.prune["calib"] == "arithmetic" and recipe.recover["method"] == "squarehead"
+    assert recipe.recover["data"] == "arithmetic" and recipe.eval["tasks"] == ["arithmetic"]
