@@ -107,8 +107,8 @@ def run_finetune(
     """Fine-tune ``model`` on the ``train`` part of ``data`` with ``method_name``; write a run folder to ``out``.
 
     ``warn(line)`` hears, before the model loads, what the run will do that a user may not expect (it is also
-    recorded in run.json). ``adapter_only`` (S²FT): the folder holds the adapter and a pointer to the base
-    instead of a whole checkpoint; :func:`load_tuned` loads the base and fuses it (LoRA, S²FT)."""
+    recorded in run.json). ``adapter_only`` (LoRA, S²FT): the folder holds the adapter and a pointer to the base
+    instead of a whole checkpoint; :func:`load_tuned` loads the base and fuses it."""
     check(method_name in METHODS, f"finetune method {method_name!r} is not one of {', '.join(METHODS)}")
     check(not adapter_only or method_name in ADAPTER_METHODS,
           f"--adapter-only saves an adapter apart from the base: {method_name} trains the model's own weights and "
