@@ -196,3 +196,20 @@ def report_json(name: str, report: dict) -> bytes:
     bytes values, left to :meth:`RecoveryMethod.artifacts`)."""
     kept = {key: value for key, value in report.items() if not isinstance(value, (bytes, bytearray))}
     return json.dumps({"method": name, **kept}, indent=2, default=str).encode()
+
+
+def read_adapter_file(path, kind: str, file_format: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of the ``kind`` adapter file at ``path`` (LoRA's or S²FT's), one UsageError line when it
+    cannot be read or is not of ``file_format``."""
+    from safetensors import safe_open
+
+    where = str(path)
+    try:
+        with safe_open(where, framework="pt") as handle:
+            meta = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UsageError(f"{kind} adapter {where!r} cannot be read ({type(exc).__name__}: {exc})") from None
+    if meta.get("format") != file_format:
+        raise UsageError(f"{where!r} is not an adapter file of {kind} (format {meta.get('format')!r})")
+    return meta, tensors

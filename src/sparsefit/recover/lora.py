@@ -21,7 +21,7 @@ from torch import nn
 from sparsefit.errors import UsageError, check
 from sparsefit.models.adapters import is_prunable, weight_matrix
 from sparsefit.prune.report import sparsity_report
-from sparsefit.recover.base import ModelMethod, RecoveryContext
+from sparsefit.recover.base import ModelMethod, RecoveryContext, read_adapter_file
 from sparsefit.recover.training import (
     TrainConfig,
     causal_lm_loss,
@@ -108,17 +108,8 @@ class LoRAAdapter:
 
     @classmethod
     def load(cls, model: nn.Module, path) -> LoRAAdapter:
-        from safetensors import safe_open
-
         where = str(path)
-        try:
-            with safe_open(where, framework="pt") as handle:
-                meta = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise UsageError(f"lora adapter {where!r} cannot be read ({type(exc).__name__}: {exc})") from None
-        if meta.get("format") != LORA_FORMAT:
-            raise UsageError(f"{where!r} is not a lora adapter (format {meta.get('format')!r})")
+        meta, tensors = read_adapter_file(path, "lora", LORA_FORMAT)
         layers, factors = {}, {}
         for name, scaling in json.loads(meta["scaling"]).items():
             try:

@@ -34,7 +34,7 @@ from torch import nn
 from sparsefit.atomic import write_file_atomically
 from sparsefit.errors import UsageError, check
 from sparsefit.models.adapters import get_adapter, weight_matrix
-from sparsefit.recover.base import ModelMethod, RecoveryContext
+from sparsefit.recover.base import ModelMethod, RecoveryContext, read_adapter_file
 from sparsefit.recover.lora import split_names
 from sparsefit.recover.squarehead import SquareHeadConfig, squarehead_step_loss
 from sparsefit.recover.training import (
@@ -253,17 +253,8 @@ class S2Adapter:
         """The adapter saved at ``path``, attached (unfused) to ``model``, a base of the same shapes; ``fuse()``
         writes it into the weights, ``unfuse()`` restores them exactly. Another adapter can be loaded once this one
         is unfused and removed: the base is never reloaded."""
-        from safetensors import safe_open
-
         where = str(path)
-        try:
-            with safe_open(where, framework="pt") as handle:
-                meta = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise UsageError(f"s2ft adapter {where!r} cannot be read ({type(exc).__name__}: {exc})") from None
-        if meta.get("format") != ADAPTER_FORMAT:
-            raise UsageError(f"{where!r} is not an s2ft adapter (format {meta.get('format')!r})")
+        meta, tensors = read_adapter_file(path, "s2ft", ADAPTER_FORMAT)
         axes, deltas = json.loads(meta["axes"]), {}
         for name, axis in axes.items():
             try:
