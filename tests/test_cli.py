@@ -12,10 +12,9 @@ from sparsefit.cli import main
 from sparsefit.recover import ebft
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    model = make_tiny_model("llama", layers=3)
+def write_workspace(root, layers: int):
+    """``root/tiny`` (a tiny Llama of ``layers`` blocks with the byte tokenizer) and ``root/corpus.txt``."""
+    model = make_tiny_model("llama", layers=layers)
     tokenizer = make_byte_tokenizer()
     model.save_pretrained(root / "tiny")
     tokenizer.save_pretrained(root / "tiny")
@@ -24,6 +23,11 @@ def workspace(tmp_path_factory):
     docs = [" ".join(rng.choice(words) for _ in range(120)) for _ in range(30)]
     (root / "corpus.txt").write_text("\n\n".join(docs))
     return root
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return write_workspace(tmp_path_factory.mktemp("cli"), layers=3)
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ from sparsefit.data.task import (
 from sparsefit.errors import UsageError
 from sparsefit.evaluate.exact_match import GenerativeTask, exact_match, first_number, greedy_generate
 from sparsefit.recover.training import batch_order, causal_lm_loss
-from test_cli import cli, private_cache, prune_args  # noqa: F401  (the fixtures are shared)
+from test_cli import cli, private_cache, prune_args, write_workspace  # noqa: F401  (the fixtures are shared)
 from test_cli_errors import one_line_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,14 +38,7 @@ def sums(n=40, seed=0):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("finetune")
-    model = make_tiny_model("llama", layers=2)
-    tokenizer = make_byte_tokenizer()
-    model.save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
-    rng = random.Random(0)
-    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly bakers".split()
-    (root / "corpus.txt").write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(120)) for _ in range(30)))
+    root = write_workspace(tmp_path_factory.mktemp("finetune"), layers=2)
     write_jsonl(root / "sums.jsonl", sums())
     return root
 

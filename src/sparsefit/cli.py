@@ -366,8 +366,7 @@ def eval_(
     from sparsefit.app.finetune import is_adapter_folder, load_tuned
     from sparsefit.app.jobs import check_evaluation, evaluate_model, evaluate_streamed, parse_list
     from sparsefit.data import get_corpus
-    from sparsefit.evaluate.exact_match import is_generative, load_generative
-    from sparsefit.evaluate.zeroshot import parse_tasks
+    from sparsefit.evaluate.exact_match import check_tasks
     from sparsefit.models.loading import streamable
     from sparsefit.walk import resolve_device
 
@@ -378,12 +377,7 @@ def eval_(
     check_evaluation(seqlen, max_tokens)  # every setting before the model loads
     for name in parse_list(ppl):
         get_corpus(name)
-    generative = [name for name in parse_list(tasks) if is_generative(name)]
-    for name in generative:
-        load_generative(name, limit)  # the data is read and checked before the model loads
-    zero_shot = [name for name in parse_list(tasks) if not is_generative(name)]
-    if zero_shot:
-        parse_tasks(",".join(zero_shot))
+    check_tasks(parse_list(tasks), limit)  # names known, generative data read and checked before the model loads
     if record:
         from sparsefit.export.run_folder import check_run_folder
 

@@ -25,9 +25,9 @@ from sparsefit.app.streamed import check_resources, open_streamed, parse_size, s
 from sparsefit.atomic import check_output, write_atomically, write_file_atomically
 from sparsefit.data import calibration_windows, get_corpus, test_stream, window_prefix
 from sparsefit.errors import UsageError, check
-from sparsefit.evaluate.exact_match import exact_match, is_generative, load_generative
+from sparsefit.evaluate.exact_match import exact_match, load_generative, split_tasks
 from sparsefit.evaluate.perplexity import eval_windows, perplexity
-from sparsefit.evaluate.zeroshot import evaluate_tasks, parse_tasks
+from sparsefit.evaluate.zeroshot import evaluate_tasks
 from sparsefit.export.run_folder import read_run
 from sparsefit.models import load, parse_dtype
 from sparsefit.models.loading import check_seqlen, resolve, streamable
@@ -81,9 +81,8 @@ def evaluate_model(
     check(seqlen > 0, f"seqlen {seqlen} must be a positive number of tokens")
     check(max_tokens is None or max_tokens >= seqlen, f"max-tokens {max_tokens} is shorter than seqlen {seqlen}")
     corpora = [get_corpus(name) for name in ppl]  # validate every name before any work
-    generative = [load_generative(name, limit, tokenizer) for name in parse_list(tasks) if is_generative(name)]
-    zero_shot = [name for name in parse_list(tasks) if not is_generative(name)]
-    task_names = parse_tasks(",".join(zero_shot)) if zero_shot else []
+    task_names, generative_names = split_tasks(parse_list(tasks))
+    generative = [load_generative(name, limit, tokenizer) for name in generative_names]
     model.to(device)
     results: dict = {}
     if corpora:
@@ -128,10 +127,9 @@ def evaluate_streamed(
     check(seqlen > 0, f"seqlen {seqlen} must be a positive number of tokens")
     check(max_tokens is None or max_tokens >= seqlen, f"max-tokens {max_tokens} is shorter than seqlen {seqlen}")
     corpora = [get_corpus(name) for name in ppl]
-    zero_shot = [name for name in parse_list(tasks) if not is_generative(name)]
-    task_names = parse_tasks(",".join(zero_shot)) if zero_shot else []
+    task_names, generative_names = split_tasks(parse_list(tasks))
     opened = open_streamed(folder, torch.float32)
-    generative = [load_generative(name, limit, opened.tokenizer) for name in parse_list(tasks) if is_generative(name)]
+    generative = [load_generative(name, limit, opened.tokenizer) for name in generative_names]
     if corpora:
         check_seqlen(opened.source.model.config, seqlen)
     results: dict = {"ppl": {}} if corpora else {}

@@ -48,8 +48,7 @@ from sparsefit.atomic import check_output, check_run_name, write_file_atomically
 from sparsefit.data import calibration_windows, get_corpus
 from sparsefit.data.task import encode_examples, load_examples
 from sparsefit.errors import UsageError, check
-from sparsefit.evaluate.exact_match import is_generative, load_generative
-from sparsefit.evaluate.zeroshot import parse_tasks
+from sparsefit.evaluate.exact_match import check_tasks
 from sparsefit.models import load
 from sparsefit.progress import Bar, silent
 from sparsefit.prune import PruneConfig, parse_pattern, prune_model, sparsity_summary
@@ -204,12 +203,7 @@ def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), overwrite: bool =
     check(max_tokens is None or max_tokens >= seqlen, f"recipe eval max_tokens {max_tokens} is shorter than "
                                                       f"its seqlen {seqlen}")  # fmt: skip
     check(limit is None or limit > 0, f"recipe eval limit {limit} must be a positive number of documents")
-    zero_shot = [name for name in evaluation["tasks"] if not is_generative(name)]
-    if zero_shot:
-        parse_tasks(",".join(zero_shot))
-    for name in evaluation["tasks"]:
-        if is_generative(name):
-            load_generative(name, limit)
+    check_tasks(evaluation["tasks"], limit)
     for name in evaluation["ppl"]:  # after the cheap checks: a built-in corpus may be fetched here
         get_corpus(name)
     get_corpus(config.calib)  # a calibration file that cannot be read is refused before the model loads

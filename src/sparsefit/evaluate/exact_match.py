@@ -84,6 +84,21 @@ def is_generative(name: str) -> bool:
     return name in GENERATIVE_TASKS or name.endswith(".jsonl")
 
 
+def split_tasks(names: list[str]) -> tuple[list[str], list[str]]:
+    """(zero-shot tasks, generative tasks) of ``names``, in order; the zero-shot names checked (``"all"`` expanded)
+    by :func:`~sparsefit.evaluate.zeroshot.parse_tasks`."""
+    from sparsefit.evaluate.zeroshot import parse_tasks
+
+    zero_shot = [name for name in names if not is_generative(name)]
+    return (parse_tasks(",".join(zero_shot)) if zero_shot else []), [name for name in names if is_generative(name)]
+
+
+def check_tasks(names: list[str], limit: int | None = None) -> None:
+    """Every task of ``names`` checked before a model loads: zero-shot names known, generative data readable."""
+    for name in split_tasks(names)[1]:
+        load_generative(name, limit)
+
+
 def first_number(text: str) -> str | None:
     """The first number in ``text`` (``"-12"``, ``"3.5"``), None when it has none."""
     match = NUMBER.search(text)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 from sparsefit.recover.base import ModelMethod, RecoveryContext
 from sparsefit.recover.training import TrainConfig, causal_lm_loss, fit_masked, loop_config, plan_steps
-from sparsefit.walk.masks import model_masks, pruned_count
+from sparsefit.walk.masks import model_masks, pruned_share
 
 
 @dataclass
@@ -45,7 +45,6 @@ class Full(ModelMethod):
         n_windows, seqlen = ctx.calib_ids.shape
         model = ctx.model
         masks = model_masks(model)
-        total = sum(keep.numel() for keep in masks.values())
         steps = plan_steps(ctx.budget_tokens, n_windows, seqlen, config.batch_size, config.epochs)
         with ctx.progress(self.name, steps) as update:
             log, trainable = fit_masked(
@@ -54,7 +53,7 @@ class Full(ModelMethod):
             )  # fmt: skip
         return {
             "config": config.to_dict(),
-            "sparsity": pruned_count(masks) / total if total else 0.0,
+            "sparsity": pruned_share(masks),
             "fit": log,
             "trainable_params": trainable,
         }

@@ -31,7 +31,7 @@ from sparsefit.data.task import TaskBatch
 from sparsefit.errors import check
 from sparsefit.recover.base import ModelMethod, RecoveryContext
 from sparsefit.recover.training import TrainConfig, fit_masked, frozen, loop_config, plan_steps
-from sparsefit.walk.masks import model_masks, pruned_count
+from sparsefit.walk.masks import model_masks, pruned_share
 
 # The reference's table (run_sparse_finetune.sh): unstructured sparsity -> (lr, epochs); N:M -> (1e-4, 4).
 PAPER_TABLE = {0.4: (3e-5, 2), 0.5: (3e-5, 2), 0.6: (1e-4, 2), 0.7: (8e-5, 4), 0.8: (1e-4, 4)}
@@ -141,8 +141,7 @@ class SquareHead(ModelMethod):
         n_windows, seqlen = ctx.calib_ids.shape
         student, teacher = ctx.model, ctx.teacher
         masks = model_masks(student)
-        total = sum(keep.numel() for keep in masks.values())
-        sparsity = pruned_count(masks) / total if total else 0.0
+        sparsity = pruned_share(masks)
         lr, epochs = config.resolved(sparsity, ctx.pattern.structured)
         train = loop_config(config, lr=lr, epochs=epochs)
         steps = plan_steps(ctx.budget_tokens, n_windows, seqlen, config.batch_size, epochs)

@@ -81,3 +81,9 @@ def same_zeros(model: nn.Module, masks: Masks) -> bool:
 
 def pruned_count(masks: Masks) -> int:
     return sum(int((~keep).sum()) for keep in masks.values())
+
+
+def pruned_share(masks: Masks) -> float:
+    """The share of the masked weights that are pruned (0 for no masks)."""
+    total = sum(keep.numel() for keep in masks.values())
+    return pruned_count(masks) / total if total else 0.0
