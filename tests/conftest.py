@@ -21,12 +21,13 @@ VOCAB = 260  # 256 bytes + a few specials
 
 def tiny_config(arch: str = "llama", layers: int = 2, hidden: int = 64):
     common = dict(vocab_size=VOCAB, bos_token_id=256, eos_token_id=257, pad_token_id=258)
-    if arch in ("llama", "mistral", "qwen2", "qwen3"):
-        cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch]
+    if arch in ("llama", "mistral", "qwen2", "qwen3", "llama-untied"):  # llama-untied: an output layer of its own
+        cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+               "llama-untied": LlamaConfig}[arch]  # fmt: skip
         return cls(
             hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-            tie_word_embeddings=True, **common,
+            tie_word_embeddings=arch != "llama-untied", **common,
         )
     if arch == "gemma3":
         return Gemma3TextConfig(

@@ -305,8 +305,9 @@ def fine_tune_block(
     fit = BlockFit(initial_loss=on_train(), final_loss=0.0, initial_heldout=on_heldout(), final_heldout=None)
     groups, hooks, layers = _trainable(block, masks, config, include)
     trained = flat_params(groups)
+    # The one copy of the start (a retry, keep_best and the held-out tracking all read it): each copy of a block
+    # is a block's size in memory (issue 22: a streamed recovery's peak).
     initial = [p.detach().clone() for p in trained]
-    start = {name: weight_matrix(layer).detach().clone() for name, layer in layers.items()}
     steps = math.ceil(n_train / config.batch_size) * config.epochs
     lr, time_s, attempt = config.lr * rate_for_steps(steps, config.full_rate_steps), 0.0, 0
     try:
@@ -315,7 +316,7 @@ def fine_tune_block(
             log = train_loop(
                 block, groups, loss_of, n_train, replace(config, lr=lr), steps=steps, seed=seed,
                 heldout_loss=on_heldout if config.heldout else None, initial_heldout=fit.initial_heldout,
-                progress=progress, shard=shard,
+                initial_state=initial, progress=progress, shard=shard,
             )  # fmt: skip
             time_s += log.time_s
             with torch.no_grad():
@@ -351,9 +352,12 @@ def fine_tune_block(
     fit.flops = 6.0 * dense_weights * trained_tokens * attempt
     fit.final_loss = final_loss
     fit.final_heldout = on_heldout()
-    with torch.no_grad():  # how far the linear weights moved, relative to where they started
-        moved = sum(float((weight_matrix(layers[n]).float() - w.float()).square().sum()) for n, w in start.items())
-        size = sum(float(w.float().square().sum()) for w in start.values())
+    with torch.no_grad():  # how far the linear weights moved, relative to where they started (a Frobenius norm:
+        # the stored orientation of a weight does not change it)
+        started = {id(p): value for p, value in zip(trained, initial, strict=True)}
+        pairs = [(layer.weight, started[id(layer.weight)]) for layer in layers.values()]
+        moved = sum(float((w.float() - w0.float()).square().sum()) for w, w0 in pairs)
+        size = sum(float(w0.float().square().sum()) for _, w0 in pairs)
     fit.relative_change = math.sqrt(moved / size) if size else 0.0
     return fit
 

@@ -282,6 +282,7 @@ def train_loop(
     after_step: Callable[[], None] | None = None,
     heldout_loss: Callable[[], float] | None = None,
     initial_heldout: float | None = None,
+    initial_state: list[torch.Tensor] | None = None,
     progress: Update | None = None,
     shard: WindowShard | None = None,
     lengths: Sequence[int] | None = None,
@@ -300,6 +301,8 @@ def train_loop(
     (weighted by their share of the batch, as micro-batches are), and the gradients and the loss are summed over
     the ranks before clipping, so every rank takes the same step. ``heldout_loss`` must reduce over the ranks.
     ``lengths`` (task examples of different lengths): batches grouped by length (:func:`batch_order`).
+    ``initial_state``: the trained parameters' values at the start when the caller keeps a copy already (read,
+    never written), so that the loop does not take a second one.
     """
     shard = shard if shard is not None else WindowShard(n_train)
     # torch.optim writes its defaults (the lr among them) into a group dict: a copy keeps the caller's groups
@@ -320,8 +323,14 @@ def train_loop(
     torch.manual_seed(seed)  # dropout (LoRA) draws from the global generator
     log = FitLog()
     tracking = heldout_loss is not None and (config.keep_best or config.early_stop > 0)
-    # Only the trained parameters can change, so they are the state to keep (a block's, or LoRA's adapters).
-    best_state = [p.detach().clone() for p in flat] if tracking and initial_heldout is not None else None
+    # Only the trained parameters can change, so they are the state to keep (a block's, or LoRA's adapters). At
+    # most two copies are held: the start (the caller's, or taken here) and the best epoch's, overwritten in place.
+    best_state = None
+    if tracking and initial_heldout is not None:
+        best_state = initial_state if initial_state is not None else [p.detach().clone() for p in flat]
+    # Whether best_state is this loop's own copy, to overwrite (the start is not needed again once an epoch beat
+    # it), or the caller's start, never written.
+    own_best = initial_state is None
     best, stale, best_epoch = initial_heldout, 0, 0
     running, in_epoch = 0.0, 0
     began = time.perf_counter()
@@ -368,7 +377,12 @@ def train_loop(
                 continue
             if best is None or held < best:
                 best, stale, best_epoch = held, 0, log.epochs_run
-                best_state = [p.detach().clone() for p in flat]
+                if own_best:
+                    with torch.no_grad():
+                        for kept, param in zip(best_state, flat, strict=True):
+                            kept.copy_(param)
+                else:
+                    best_state, own_best = [p.detach().clone() for p in flat], True
             else:
                 stale += 1
                 if config.early_stop and stale >= config.early_stop:

@@ -210,7 +210,9 @@ class StreamedBlocks(InMemoryBlocks):
     def modules(self, *paths: str) -> Iterator[None]:
         """Load the non-block modules at ``paths`` from the source for the duration of the context.
 
-        A tied output layer (no ``lm_head.weight`` in the source) shares the input embedding's weight.
+        A tied output layer (no ``lm_head.weight`` in the source) shares the input embedding's weight while both
+        are here; an untied one keeps its own (issue 22: it was tied whenever the embedding was loaded, so a streamed
+        model's logits came from the input embedding after the first capture).
         """
         loaded = []
         for path in paths:
@@ -218,25 +220,35 @@ class StreamedBlocks(InMemoryBlocks):
             if _is_meta(module):
                 module.load_state_dict(self._path_state(path), strict=False, assign=True)
                 loaded.append(module)
-        self._tie()
+        tied = self._tie()
         try:
             yield
         finally:
             for module in loaded:
                 _to_meta(module)
+            if tied is not None:
+                _to_meta(tied)
 
-    def _tie(self) -> None:
+    def _output_name(self) -> str:
+        out = self.model.get_output_embeddings()
+        return next(name for name, module in self.model.named_modules() if module is out)
+
+    def _tie(self) -> nn.Module | None:
+        """Tie the output layer to the loaded input embedding when the source has no output weight; return it."""
         out, inp = self.model.get_output_embeddings(), self.model.get_input_embeddings()
-        if out is not None and out.weight.is_meta and not inp.weight.is_meta:
-            out.weight = inp.weight
+        if out is None or not out.weight.is_meta or inp.weight.is_meta:
+            return None
+        if f"{self._output_name()}.weight" in self.source.tensors:
+            return None
+        out.weight = inp.weight
+        return out
 
     def head_paths(self) -> tuple[str, ...]:
         """The modules that turn the last block's output into logits: the final norm and the output layer."""
-        out = self.model.get_output_embeddings()
-        names = {id(m): n for n, m in self.model.named_modules()}
+        output = self._output_name()
         paths = [p for p in (self.adapter.final_norm,) if p]
-        paths.append(names[id(out)])
-        if f"{names[id(out)]}.weight" not in self.source.tensors:
+        paths.append(output)
+        if f"{output}.weight" not in self.source.tensors:
             paths += list(self.adapter.embeddings[:1])  # a tied head reads the input embedding's weight
         return tuple(paths)
 

@@ -106,7 +106,9 @@ class TeacherStep(BlockStep):
             block = copy.deepcopy(ctx.block)
         else:
             block = ctx.block
-        if self.keep_block or self.teacher is not None:
+        if self.keep_block:
+            # Only for a step that reads it: a teacher's block held through a fit is a second copy of the block in
+            # memory (issue 22: a streamed recovery's peak).
             ctx.teacher_block = block
         if self.share is None:
             return
