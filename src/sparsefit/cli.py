@@ -600,10 +600,18 @@ def main() -> None:
     peak = peak_gpu_mib()
     if peak is not None:
         print(f"{who}peak GPU memory {peak:.0f} MiB", file=_error_stream())  # every rank's
+    ran_distributed = distributed.active()
     distributed.finish()
-    if isinstance(code, int) and code:
-        if code == 130:
-            typer.echo("interrupted; run again with --resume to continue from the last finished block", err=True)
+    code = code if isinstance(code, int) else 0
+    if code == 130:
+        typer.echo("interrupted; run again with --resume to continue from the last finished block", err=True)
+    if ran_distributed:
+        # Even after the group is destroyed, the interpreter's exit tears down gloo's threads and aborted about one
+        # run in eight (SIGABRT, "terminate called without an active exception") after every output was written.
+        sys.stdout.flush()
+        _error_stream().flush()
+        os._exit(code)
+    if code:
         sys.exit(code)
 
 

@@ -377,7 +377,7 @@ def train_loop(
                 continue
             if best is None or held < best:
                 best, stale, best_epoch = held, 0, log.epochs_run
-                if own_best:
+                if own_best and best_state is not None:
                     with torch.no_grad():
                         for kept, param in zip(best_state, flat, strict=True):
                             kept.copy_(param)
