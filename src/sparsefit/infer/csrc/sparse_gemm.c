@@ -164,6 +164,10 @@ AVX512 __attribute__((always_inline)) static inline void row_avx512(const uint8_
     for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     int64_t c = 0;
     for (; c + 1 < nwords; c += 2) {
+        /* Without it, on an AMD EPYC with AVX-512, this path ran 1.7x slower than the AVX2 one on weights out of
+         * cache (9.0 against 5.5 ms for 40 MB) though faster in cache; with it, 3.6 ms (the distance, 512 to
+         * 2048 bytes, makes no difference; the AVX2 path gains nothing from it). */
+        _mm_prefetch((const char *)(values + k) + 1024, _MM_HINT_T0);
         uint16_t m0, m1;
         memcpy(&m0, row + 2 * c, 2);
         memcpy(&m1, row + 2 * c + 2, 2);
