@@ -109,19 +109,20 @@ def measure(args: argparse.Namespace, name: str) -> dict:
     from sparsefit.app.jobs import run_prune
     from sparsefit.prune import PruneConfig
 
-    pruned_dir = work_dir() / f"{method}-{sparsity}"
+    # Each row prunes into its own folder: rows run in parallel (--jobs), and a `pruned` row rewriting the folder
+    # that a `ce` row of the same method and sparsity was loading made that row fail. The masks are the same.
+    pruned_dir = work_dir() / f"{method}-{sparsity}-{lever}"
     config = PruneConfig(method=method, sparsity=sparsity, calib="arithmetic", nsamples=args.nsamples,
                          seqlen=args.seqlen, device="cpu")  # fmt: skip
     row = {"status": "ok"}
     began = time.process_time()
     if lever == "ebft":
-        run_prune(str(teacher_dir), config, work_dir() / f"{method}-{sparsity}-ebft", overwrite=True,
-                  recover="ebft", recover_options={"preset": "quick"}, guard="warn")  # fmt: skip
-        loaded = load(str(work_dir() / f"{method}-{sparsity}-ebft"))
+        run_prune(str(teacher_dir), config, pruned_dir, overwrite=True, recover="ebft",
+                  recover_options={"preset": "quick"}, guard="warn")  # fmt: skip
+        loaded = load(str(pruned_dir))
         row["cpu_min"] = (time.process_time() - began) / 60
     else:
-        if not (pruned_dir / "run.json").exists() or lever == "pruned":
-            run_prune(str(teacher_dir), config, pruned_dir, overwrite=True)
+        run_prune(str(teacher_dir), config, pruned_dir, overwrite=True)
         loaded = load(str(pruned_dir))
         if lever in ("ce", "squarehead"):
             teacher = load(str(teacher_dir)).model if lever == "squarehead" else None
