@@ -201,6 +201,18 @@ def test_finetune_keeps_the_masks_and_lowers_the_task_loss(workspace, pruned, mo
         assert "task" in run["warnings"][0] and run["config"]["teacher"] == str(workspace / "tiny")
 
 
+def test_task_rates_are_the_measured_ones_unless_a_preset_or_a_rate_is_named():
+    """bench/finetune.py: full, S2FT and SquareHead hold a task at other rates than their recovery presets'
+    (SquareHead's table, 4-10x full tuning's rate, left SparseGPT 70 % at 0.21 where 3e-5 gave 0.405)."""
+    from sparsefit.app.finetune import task_defaults
+
+    assert task_defaults("squarehead", {})["lr"] == 3e-5
+    assert task_defaults("full", {})["lr"] == 3e-5 and task_defaults("s2ft", {})["lr"] == 1e-3
+    assert "lr" not in task_defaults("lora", {})  # its recovery rate holds on a task
+    assert task_defaults("squarehead", {"lr": 1e-4})["lr"] == 1e-4
+    assert "lr" not in task_defaults("squarehead", {"preset": "cpu"})  # a named preset keeps its own rate
+
+
 def test_eval_scores_generative_tasks(workspace, monkeypatch, capsys):
     assert cli(monkeypatch, "eval", workspace / "tiny", "--tasks", workspace / "sums.jsonl", "--device", "cpu",
                "--json") == 0  # fmt: skip
