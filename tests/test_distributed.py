@@ -222,3 +222,27 @@ def test_smollm2_wanda_masks_from_two_processes_equal_one(tmp_path):
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     for name in one:
         assert torch.equal(one[name], two[name]), name
+
+
+def test_task_fine_tuning_from_two_processes_matches_one(workspace):
+    """`finetune` shards a task's examples over the ranks as the block-wise methods shard windows (issue 23): the
+    gradients are summed, so full fine-tuning of the whole model ends where one process does, masks kept (measured:
+    weights within 1.3e-5 of the largest entry, the same losses to 1e-7)."""
+    ok(sparsefit("prune", "--model", workspace / "model", "--calib", workspace / "corpus.txt", "--nsamples", "8",
+                 "--seqlen", "32", "--method", "wanda", "--sparsity", "0.5", "--device", "cpu",
+                 "--out", workspace / "pruned"))  # fmt: skip
+    rng = torch.Generator().manual_seed(0)
+    pairs = torch.randint(0, 50, (32, 2), generator=rng).tolist()
+    (workspace / "sums.jsonl").write_text("".join(json.dumps({"prompt": f"{a} + {b} =", "completion": f" {a + b}"})
+                                                  + "\n" for a, b in pairs))  # fmt: skip
+    args = ["finetune", "--model", workspace / "pruned", "--data", workspace / "sums.jsonl", "--method", "full",
+            "--epochs", "2", "--train-batch", "4", "--lr", "1e-3", "--device", "cpu"]  # fmt: skip
+    ok(sparsefit(*args, "--out", workspace / "one"))
+    ok(sparsefit(*args, "--out", workspace / "two", processes=2))
+    one, two = weights(workspace / "one"), weights(workspace / "two")
+    assert_same_masks(one, two)
+    assert max_relative(one, two) < 1e-4
+    fit_one = json.loads((workspace / "one" / "recovery.json").read_text())["fit"]
+    fit_two = json.loads((workspace / "two" / "recovery.json").read_text())["fit"]
+    assert fit_two["final_loss"] == pytest.approx(fit_one["final_loss"], rel=1e-5)
+    assert fit_two["final_loss"] < fit_two["initial_loss"]
