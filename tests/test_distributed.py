@@ -149,21 +149,27 @@ def test_perplexity_from_two_processes_equals_one(workspace):
     assert two["ppl"][corpus]["value"] == pytest.approx(one["ppl"][corpus]["value"], rel=1e-6)
 
 
+def fits_from_one_and_two_processes(workspace: Path, args: list, weights_within: float) -> None:
+    """A whole-model fit (``args``) run by one process and by two: the same masks, the weights within
+    ``weights_within`` of each tensor's largest entry, the same final loss, and a loss that fell."""
+    ok(sparsefit(*args, "--out", workspace / "one"))
+    ok(sparsefit(*args, "--out", workspace / "two", processes=2))
+    one, two = weights(workspace / "one"), weights(workspace / "two")
+    assert_same_masks(one, two)
+    assert max_relative(one, two) < weights_within
+    fit_one = json.loads((workspace / "one" / "recovery.json").read_text())["fit"]
+    fit_two = json.loads((workspace / "two" / "recovery.json").read_text())["fit"]
+    assert fit_two["final_loss"] == pytest.approx(fit_one["final_loss"], rel=1e-5)
+    assert fit_two["final_loss"] < fit_two["initial_loss"]
+
+
 def test_whole_model_recovery_from_two_processes_matches_one(workspace):
     ok(sparsefit("prune", "--model", workspace / "model", "--calib", workspace / "corpus.txt", "--nsamples", "8",
                  "--seqlen", "32", "--method", "wanda", "--sparsity", "0.5", "--device", "cpu",
                  "--out", workspace / "pruned"))  # fmt: skip
     args = ["recover", workspace / "pruned", "--method", "squarehead", "--device", "cpu", "--epochs", "2",
             "--train-batch", "4"]  # fmt: skip
-    ok(sparsefit(*args, "--out", workspace / "one"))
-    ok(sparsefit(*args, "--out", workspace / "two", processes=2))
-    one, two = weights(workspace / "one"), weights(workspace / "two")
-    assert_same_masks(one, two)
-    assert max_relative(one, two) < 3e-3
-    fit_one = json.loads((workspace / "one" / "recovery.json").read_text())["fit"]
-    fit_two = json.loads((workspace / "two" / "recovery.json").read_text())["fit"]
-    assert fit_two["final_loss"] == pytest.approx(fit_one["final_loss"], rel=1e-5)
-    assert fit_two["final_loss"] < fit_two["initial_loss"]
+    fits_from_one_and_two_processes(workspace, args, weights_within=3e-3)
 
 
 def test_more_processes_than_windows_is_one_line(workspace):
@@ -237,12 +243,4 @@ def test_task_fine_tuning_from_two_processes_matches_one(workspace):
                                                   + "\n" for a, b in pairs))  # fmt: skip
     args = ["finetune", "--model", workspace / "pruned", "--data", workspace / "sums.jsonl", "--method", "full",
             "--epochs", "2", "--train-batch", "4", "--lr", "1e-3", "--device", "cpu"]  # fmt: skip
-    ok(sparsefit(*args, "--out", workspace / "one"))
-    ok(sparsefit(*args, "--out", workspace / "two", processes=2))
-    one, two = weights(workspace / "one"), weights(workspace / "two")
-    assert_same_masks(one, two)
-    assert max_relative(one, two) < 1e-4
-    fit_one = json.loads((workspace / "one" / "recovery.json").read_text())["fit"]
-    fit_two = json.loads((workspace / "two" / "recovery.json").read_text())["fit"]
-    assert fit_two["final_loss"] == pytest.approx(fit_one["final_loss"], rel=1e-5)
-    assert fit_two["final_loss"] < fit_two["initial_loss"]
+    fits_from_one_and_two_processes(workspace, args, weights_within=1e-4)

@@ -558,10 +558,11 @@ def main() -> None:
 
     who = ""
 
-    def leave(code: int) -> None:
-        if distributed.active():
-            # Leave at once: a process group's threads torn down by the interpreter's exit abort the process
-            # ("terminate called without an active exception", exit -6) instead of giving the exit code.
+    def leave(code: int, joined: bool = False) -> None:
+        """Exit with ``code``; at once in a process group, or after one (``joined``): its threads torn down by the
+        interpreter's exit abort the process ("terminate called without an active exception", exit -6) instead of
+        giving the exit code, even after the group was destroyed (about one run in five, after every output)."""
+        if joined or distributed.active():
             sys.stdout.flush()
             _error_stream().flush()
             os._exit(code)
@@ -605,14 +606,8 @@ def main() -> None:
     code = code if isinstance(code, int) else 0
     if code == 130:
         typer.echo("interrupted; run again with --resume to continue from the last finished block", err=True)
-    if ran_distributed:
-        # Even after the group is destroyed, the interpreter's exit tears down gloo's threads and aborted about one
-        # run in eight (SIGABRT, "terminate called without an active exception") after every output was written.
-        sys.stdout.flush()
-        _error_stream().flush()
-        os._exit(code)
-    if code:
-        sys.exit(code)
+    if code or ran_distributed:
+        leave(code, joined=ran_distributed)
 
 
 if __name__ == "__main__":

@@ -329,8 +329,8 @@ def train_loop(
     if tracking and initial_heldout is not None:
         best_state = initial_state if initial_state is not None else [p.detach().clone() for p in flat]
     # Whether best_state is this loop's own copy, to overwrite (the start is not needed again once an epoch beat
-    # it), or the caller's start, never written.
-    own_best = initial_state is None
+    # it), or the caller's start, never written (or none yet).
+    own_best = best_state is not None and initial_state is None
     best, stale, best_epoch = initial_heldout, 0, 0
     running, in_epoch = 0.0, 0
     began = time.perf_counter()
@@ -377,7 +377,7 @@ def train_loop(
                 continue
             if best is None or held < best:
                 best, stale, best_epoch = held, 0, log.epochs_run
-                if own_best and best_state is not None:
+                if own_best:
                     with torch.no_grad():
                         for kept, param in zip(best_state, flat, strict=True):
                             kept.copy_(param)
