@@ -172,6 +172,28 @@ def test_whole_model_recovery_from_two_processes_matches_one(workspace):
     fits_from_one_and_two_processes(workspace, args, weights_within=3e-3)
 
 
+def test_an_interrupted_two_process_fit_resumes_with_two_processes(workspace):
+    """Ctrl-C in the fourth step of a SquareHead fit in both ranks: rank 0 saves the state after step 3, and
+    --resume with two processes gives the uninterrupted two-process weights bit for bit."""
+    ok(sparsefit("prune", "--model", workspace / "model", "--calib", workspace / "corpus.txt", "--nsamples", "8",
+                 "--seqlen", "32", "--method", "wanda", "--sparsity", "0.5", "--device", "cpu",
+                 "--out", workspace / "pruned-fit"))  # fmt: skip
+    args = ["recover", workspace / "pruned-fit", "--method", "squarehead", "--device", "cpu", "--epochs", "2",
+            "--train-batch", "4"]  # fmt: skip
+    ok(sparsefit(*args, "--out", workspace / "fit-full", processes=2))
+    hook = str(Path(__file__).parent / "interrupt_hook")
+    stopped = sparsefit(*args, "--out", workspace / "fit-resumed", processes=2, PYTHONPATH=hook,
+                        SPARSEFIT_TEST_INTERRUPT_LOSS="4")  # fmt: skip
+    assert stopped.returncode != 0 and not (workspace / "fit-resumed").exists()
+    partial = workspace / ".fit-resumed.partial"
+    assert json.loads((partial / "progress.json").read_text())["step"] == 3
+    ok(sparsefit(*args, "--out", workspace / "fit-resumed", "--resume", processes=2))
+    full, resumed = weights(workspace / "fit-full"), weights(workspace / "fit-resumed")
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name
+    assert not partial.exists()
+
+
 def test_more_processes_than_windows_is_one_line(workspace):
     result = sparsefit("prune", "--model", workspace / "model", "--calib", workspace / "corpus.txt", "--nsamples",
                        "1", "--seqlen", "32", "--out", workspace / "out", processes=2)  # fmt: skip

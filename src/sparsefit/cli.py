@@ -50,7 +50,8 @@ TARGET = typer.Option(None, "--target",
 HELDOUT = typer.Option(None, "--heldout", help="calibration windows kept out of training for the held-out loss")
 EARLY_STOP = typer.Option(None, "--early-stop", help="stop after N epochs without held-out improvement, keep the best")
 OPTION = typer.Option(None, "--option", "-o", help="any method option as KEY=VALUE (repeatable), e.g. -o layers=all")
-RESUME = typer.Option(False, "--resume", help="continue from the last finished block of an interrupted run")
+RESUME = typer.Option(False, "--resume", help="continue an interrupted run from its last finished block (a walk) "
+                                               "or its last saved step (a fit)")
 # The block walk's memory: activations (inputs, targets, dense-path carry) in a dtype, spilled to disk beyond a budget.
 ACT_DTYPE = typer.Option("auto", "--act-dtype", help="activations' dtype: auto (float32 on CPU, bfloat16 on GPU), "
                                                      "float32, bfloat16 or float16")  # fmt: skip
@@ -329,6 +330,7 @@ def finetune(
                                                                     "base (fuses and unfuses exactly)"),
     out: Path = typer.Option(..., help="output run folder"),
     overwrite: bool = typer.Option(False),
+    resume: bool = RESUME,
 ) -> None:
     """Fine-tune a dense or sparse model on a task, masks kept; the loss is on the completions."""
     from sparsefit.app.finetune import run_finetune
@@ -341,7 +343,7 @@ def finetune(
     run = run_finetune(model, data, method, out, options, teacher=teacher, max_examples=max_examples,
                        max_length=max_length, chat_template=chat_template, seed=seed, device=device,
                        overwrite=overwrite, progress=bar, warn=lambda line: typer.echo(f"warning: {line}", err=True),
-                       adapter_only=adapter_only)
+                       adapter_only=adapter_only, resume=resume)
     data_summary = run["data"]
     typer.echo(f"wrote {out} ({method}: {_recovery_line(run['report'])}; {data_summary['examples']} examples, "
                f"{data_summary['cut']} cut and {data_summary['dropped']} dropped at {max_length} tokens)")
@@ -605,7 +607,8 @@ def main() -> None:
     distributed.finish()
     code = code if isinstance(code, int) else 0
     if code == 130:
-        typer.echo("interrupted; run again with --resume to continue from the last finished block", err=True)
+        typer.echo("interrupted; run again with --resume to continue from the last finished block or saved step",
+                   err=True)
     if code or ran_distributed:
         leave(code, joined=ran_distributed)
 

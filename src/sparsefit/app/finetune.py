@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sparsefit.app import defaults
-from sparsefit.app.jobs import choose_method, recovery_files, save_run, timed, versions
+from sparsefit.app.jobs import choose_method, fit_checkpoint_for, recovery_files, save_run, timed, versions
 from sparsefit.atomic import check_output, write_atomically
 from sparsefit.data.task import encode_examples, load_examples
 from sparsefit.errors import UsageError, check
@@ -31,6 +31,7 @@ from sparsefit.recover.base import AUTO
 from sparsefit.recover.lora import LORA_FILE, LoRAAdapter
 from sparsefit.recover.s2ft import ADAPTER_FILE, S2Adapter
 from sparsefit.walk import resolve_device
+from sparsefit.walk.checkpoint import resumable
 from sparsefit.walk.targets import check_teacher
 
 METHODS = ("full", "lora", "s2ft", "squarehead")
@@ -103,12 +104,14 @@ def run_finetune(
     progress: Bar = silent,
     warn: Callable[[str], None] | None = None,
     adapter_only: bool = False,
+    resume: bool = False,
 ) -> dict:
     """Fine-tune ``model`` on the ``train`` part of ``data`` with ``method_name``; write a run folder to ``out``.
 
     ``warn(line)`` hears, before the model loads, what the run will do that a user may not expect (it is also
     recorded in run.json). ``adapter_only`` (LoRA, S²FT): the folder holds the adapter and a pointer to the base
-    instead of a whole checkpoint; :func:`load_tuned` loads the base and fuses it."""
+    instead of a whole checkpoint; :func:`load_tuned` loads the base and fuses it. The fit saves its state beside
+    ``out`` now and then (and when interrupted); ``resume`` continues from it, the same settings required."""
     check(method_name in METHODS, f"finetune method {method_name!r} is not one of {', '.join(METHODS)}")
     check(not adapter_only or method_name in ADAPTER_METHODS,
           f"--adapter-only saves an adapter apart from the base: {method_name} trains the model's own weights and "
@@ -135,6 +138,10 @@ def run_finetune(
     check_output(out, overwrite, inputs)
     if teacher is not None:
         check_teacher_config(model, teacher)
+    fingerprint = {"model": model, "data": data, "method": method_name, "config": config.to_dict(),
+                   "max_examples": max_examples, "max_length": max_length, "chat_template": chat_template,
+                   "seed": seed, "teacher": teacher, "device": str(device_)}  # fmt: skip
+    checkpoint = fit_checkpoint_for(out, fingerprint, resume)
     if warning and warn is not None:
         warn(warning)
     timings: dict[str, float] = {}
@@ -153,8 +160,9 @@ def run_finetune(
     ctx = RecoveryContext(
         model=loaded.model, teacher=dense.model if dense is not None else loaded.model, tokenizer=loaded.tokenizer,
         calib_ids=train, pattern=parse_pattern(pattern), device=device_, seed=seed, progress=progress,
+        fit_checkpoint=checkpoint,
     )  # fmt: skip
-    with timed(timings, "finetune_s"):
+    with timed(timings, "finetune_s"), resumable(out):
         report = method.run(ctx, config)
     report["data"] = train.summary()
     sparsity = sparsity_summary(loaded.model, pattern)
@@ -176,6 +184,7 @@ def run_finetune(
     else:
         save_run(out, loaded.model, loaded.tokenizer, run, sparsity, overwrite=overwrite,
                  extra_files=recovery_files(method, report))  # fmt: skip
+    checkpoint.clear()
     return {**run, "report": report}
 
 

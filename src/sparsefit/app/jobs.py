@@ -24,7 +24,7 @@ from sparsefit.app.streamed import act_dtype as act_dtype_of
 from sparsefit.app.streamed import check_resources, open_streamed, parse_size, save_streamed_run
 from sparsefit.atomic import check_output, write_atomically, write_file_atomically
 from sparsefit.data import calibration_windows, get_corpus, test_stream, window_prefix
-from sparsefit.errors import UsageError, check
+from sparsefit.errors import check
 from sparsefit.evaluate.exact_match import exact_match, load_generative, split_tasks
 from sparsefit.evaluate.perplexity import eval_windows, perplexity
 from sparsefit.evaluate.zeroshot import evaluate_tasks
@@ -39,7 +39,7 @@ from sparsefit.recover.base import report_json
 from sparsefit.walk import BlockCheckpoint, TeacherStep, resolve_device
 from sparsefit.walk.activations import Activations
 from sparsefit.walk.blocks import InMemoryBlocks
-from sparsefit.walk.checkpoint import resumable
+from sparsefit.walk.checkpoint import FitCheckpoint, resumable
 from sparsefit.walk.device import peak_gpu_mib
 
 
@@ -221,12 +221,10 @@ def recovery_files(method: RecoveryMethod, report: dict,
 
 def choose_method(
     name: str, options: dict, n_windows: int, device: torch.device, *, pattern: str = "unstructured",
-    seed: int | None = None, resume: bool = False,
+    seed: int | None = None,
 ) -> tuple[RecoveryMethod, object]:  # fmt: skip
     """``(method, config)`` with every option checked, before any model is loaded."""
     method = get_method(name)
-    if resume and not method.blockwise:
-        raise UsageError(f"--resume continues block-wise methods; {name} trains the whole model, run it again")
     config = method.configure(options, n_windows, device, seed=seed)
     reason = method.supports(parse_pattern(pattern))
     check(reason is None, f"{name} cannot recover a {pattern} model: {reason}")
@@ -566,8 +564,7 @@ def run_recover(
     check(budget is None or budget > 0, f"budget {budget} must be a positive number of tokens")
     device_ = resolve_device(device)
     pattern = source_sparsity.get("pattern", "unstructured")
-    method, config = choose_method(method_name, options or {}, nsamples, device_, pattern=pattern, seed=seed,
-                                   resume=resume)  # fmt: skip
+    method, config = choose_method(method_name, options or {}, nsamples, device_, pattern=pattern, seed=seed)
     corpora = check_outputs(eval_ppl, out, overwrite, [("run folder", run_dir), ("teacher", teacher),
                                                        ("calibration text", calib)])  # fmt: skip
     check_evaluation(eval_seqlen, eval_max_tokens, "--eval-")
@@ -600,6 +597,7 @@ def run_recover(
             act_dtype=activations_dtype, max_memory=max_bytes, fingerprint=fingerprint, make_run=make_run,
             guard=guard,
         )  # fmt: skip
+    fit_checkpoint = fit_checkpoint_for(out, fingerprint, resume) if not method.blockwise else None
     timings: dict[str, float] = {}
     with timed(timings, "load_s"):
         sparse = load(str(run_dir))
@@ -622,6 +620,7 @@ def run_recover(
         model=sparse.model, teacher=dense.model, tokenizer=sparse.tokenizer, calib_ids=calib_ids,
         pattern=parse_pattern(pattern), device=device_, seed=seed, budget_tokens=budget, batch_size=batch_size,
         progress=progress, checkpoint=checkpoint, resume=resume, activations=activations,
+        fit_checkpoint=fit_checkpoint,
     )  # fmt: skip
     with timed(timings, "recover_s"), resumable(out):
         report = method.run(ctx, config)
@@ -650,9 +649,18 @@ def run_recover(
         run["memory"] = _memory_record(False, activations)
     save_run(out, sparse.model, sparse.tokenizer, run, sparsity, overwrite=overwrite,
              extra_files=recovery_files(method, report, verdict))  # fmt: skip
-    if checkpoint is not None:
-        checkpoint.clear()
+    for kept in checkpoint, fit_checkpoint:
+        if kept is not None:
+            kept.clear()
     return {**run, "report": report}
+
+
+def fit_checkpoint_for(out: Path, fingerprint: dict, resume: bool) -> FitCheckpoint:
+    """The fit checkpoint of a whole-model run writing ``out``, saved every ``defaults.FIT_CHECKPOINT_EVERY_S``; a
+    resume whose saved settings differ is refused here, before the model loads."""
+    checkpoint = FitCheckpoint.for_output(out, fingerprint, resume=resume, every_s=defaults.FIT_CHECKPOINT_EVERY_S)
+    checkpoint.saved()
+    return checkpoint
 
 
 def _run_recover_streamed(

@@ -30,7 +30,7 @@ from sparsefit.prune.pattern import Pattern
 from sparsefit.recover.training import make_config
 from sparsefit.walk.activations import Activations
 from sparsefit.walk.blocks import InMemoryBlocks
-from sparsefit.walk.checkpoint import BlockCheckpoint
+from sparsefit.walk.checkpoint import BlockCheckpoint, FitCheckpoint
 from sparsefit.walk.driver import run_blocks
 from sparsefit.walk.targets import TeacherStep, check_teacher
 from sparsefit.walk.walker import BlockStep
@@ -53,6 +53,7 @@ class RecoveryContext:
     progress: Bar = silent
     checkpoint: BlockCheckpoint | None = None  # block-wise methods: save every block, resume from the last
     resume: bool = False
+    fit_checkpoint: FitCheckpoint | None = None  # whole-model methods: save the fit now and then, resume from it
     # Quality of an intermediate model (``model -> dict``), for what the saved model cannot show: LoRA's
     # adapter before merging. ``sparsefit compare`` passes its perplexity evaluation; None skips it.
     evaluate: Callable[[nn.Module], dict] | None = None

@@ -50,6 +50,7 @@ class Full(ModelMethod):
             log, trainable = fit_masked(
                 model, lambda ids: causal_lm_loss(model, ids), ctx.calib_ids, loop_config(config), masks,
                 steps=steps, device=ctx.device, train_embeddings=config.train_embeddings, progress=update,
+                checkpoint=ctx.fit_checkpoint,
             )  # fmt: skip
         return {
             "config": config.to_dict(),

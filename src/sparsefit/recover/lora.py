@@ -216,7 +216,7 @@ class LoRA(ModelMethod):
             with ctx.progress(self.name, steps) as update:
                 report["fit"] = fit_model(
                     peft_model, params, lambda ids: causal_lm_loss(peft_model, ids), ctx.calib_ids, config,
-                    steps=steps, device=ctx.device, progress=update,
+                    steps=steps, device=ctx.device, progress=update, checkpoint=ctx.fit_checkpoint,
                 )  # fmt: skip
             peft_model.eval()
             if ctx.evaluate is not None:

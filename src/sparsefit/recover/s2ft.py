@@ -388,7 +388,7 @@ class S2FT(ModelMethod):
         try:
             with frozen(model, teacher), ctx.progress(self.name, steps) as update:
                 log = fit_model(model, s2.parameters(), loss_fn, ctx.calib_ids, config, steps=steps, device=ctx.device,
-                                progress=update)  # fmt: skip
+                                progress=update, checkpoint=ctx.fit_checkpoint)  # fmt: skip
             s2.fuse()
         finally:
             s2.remove()

@@ -152,6 +152,7 @@ class SquareHead(ModelMethod):
                 log, trainable = fit_masked(
                     student, lambda ids: squarehead_step_loss(student, teacher, ids, config), ctx.calib_ids, train,
                     masks, steps=steps, device=ctx.device, train_embeddings=config.train_embeddings, progress=update,
+                    checkpoint=ctx.fit_checkpoint,
                 )  # fmt: skip
         finally:
             teacher.to("cpu")

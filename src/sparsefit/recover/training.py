@@ -26,8 +26,9 @@ from torch import nn
 
 from sparsefit.data.task import TaskBatch, TaskSet
 from sparsefit.distributed import WindowShard, all_reduce_sum, sum_values
-from sparsefit.errors import UsageError, check
+from sparsefit.errors import FileError, UsageError, check
 from sparsefit.progress import Update
+from sparsefit.walk.checkpoint import FitCheckpoint
 from sparsefit.walk.masks import Masks, apply_masks, mask_gradients, model_layers, pruned_count
 
 
@@ -286,6 +287,7 @@ def train_loop(
     progress: Update | None = None,
     shard: WindowShard | None = None,
     lengths: Sequence[int] | None = None,
+    checkpoint: FitCheckpoint | None = None,
 ) -> FitLog:
     """AdamW on ``params`` minimising ``loss_of(indices of a batch of training windows)`` for ``steps`` steps.
 
@@ -303,6 +305,9 @@ def train_loop(
     ``lengths`` (task examples of different lengths): batches grouped by length (:func:`batch_order`).
     ``initial_state``: the trained parameters' values at the start when the caller keeps a copy already (read,
     never written), so that the loop does not take a second one.
+    ``checkpoint``: saves the fit's state now and then and when interrupted between steps; a resuming one gives it
+    back here (the parameters as they were before the first step, so the best state 0 stays the start) and the
+    loop continues from the saved step as if it had not stopped (:class:`~sparsefit.walk.checkpoint.FitCheckpoint`).
     """
     shard = shard if shard is not None else WindowShard(n_train)
     # torch.optim writes its defaults (the lr among them) into a group dict: a copy keeps the caller's groups
@@ -334,9 +339,31 @@ def train_loop(
     best, stale, best_epoch = initial_heldout, 0, 0
     running, in_epoch = 0.0, 0
     began = time.perf_counter()
+    done = 0  # steps taken before this call (a resumed fit)
+    saved = checkpoint.start(began) if checkpoint is not None else None
+    if saved is not None:
+        done, loop, tensors = saved
+        best_state, own_best = _restore(optimizer, scheduler, flat, loop, tensors, best_state, own_best)
+        log = FitLog(**loop["log"])
+        running, in_epoch = loop["running"], loop["in_epoch"]
+        best, stale, best_epoch = loop["best"], loop["stale"], loop["best_epoch"]
+        began -= log.time_s
+
+    def save(step: int, rng: torch.Tensor) -> None:
+        log.time_s = time.perf_counter() - began
+        loop = {"log": log.to_dict(), "running": running, "in_epoch": in_epoch, "best": best, "stale": stale,
+                "best_epoch": best_epoch, "schedule": scheduler.state_dict()}  # fmt: skip
+        checkpoint.save(step, loop, _fit_tensors(optimizer, flat, best_state if own_best else None, rng),
+                        time.perf_counter())  # fmt: skip
+
+    # Between two steps the trained state is whole: an interruption there is saved (the step's forward and backward
+    # change nothing but gradients and, through dropout, the random state, kept from the step's start).
+    between_steps, rng = True, torch.get_rng_state()
     try:
         for step, index in enumerate(batch_order(n_train, config.batch_size, steps, seed, lengths)):
-            if step % per_epoch == 0:
+            if step < done:
+                continue
+            if step % per_epoch == 0 or step == done:
                 module.train()
             mine = shard.local(index)  # the whole batch in one process
             # Gradient accumulation: the batch's mean loss, in micro-batches that fit in memory (and in ranks).
@@ -351,6 +378,7 @@ def train_loop(
                 value += part.item()
             if not shard.single:
                 value = _reduce_gradients(flat, value)
+            between_steps = False
             if config.clip:
                 torch.nn.utils.clip_grad_norm_(flat, config.clip)
             optimizer.step()
@@ -364,30 +392,33 @@ def train_loop(
             epoch_done = (step + 1) % per_epoch == 0 or step + 1 == steps
             if progress is not None:
                 progress(done=step + 1, note=f"loss {value:.4g}")
-            if not epoch_done:
-                continue
-            log.curve.append(running / in_epoch)
-            running, in_epoch = 0.0, 0
-            log.epochs_run += 1
-            if heldout_loss is None:
-                continue
-            held = heldout_loss()
-            log.heldout_curve.append(held)
-            if not tracking:
-                continue
-            if best is None or held < best:
-                best, stale, best_epoch = held, 0, log.epochs_run
-                if own_best:
-                    with torch.no_grad():
-                        for kept, param in zip(best_state, flat, strict=True):
-                            kept.copy_(param)
-                else:
-                    best_state, own_best = [p.detach().clone() for p in flat], True
-            else:
-                stale += 1
-                if config.early_stop and stale >= config.early_stop:
-                    log.stopped_early = True
-                    break
+            if epoch_done:
+                log.curve.append(running / in_epoch)
+                running, in_epoch = 0.0, 0
+                log.epochs_run += 1
+            if epoch_done and heldout_loss is not None:
+                held = heldout_loss()
+                log.heldout_curve.append(held)
+                if tracking and (best is None or held < best):
+                    best, stale, best_epoch = held, 0, log.epochs_run
+                    if own_best:
+                        with torch.no_grad():
+                            for kept, param in zip(best_state, flat, strict=True):
+                                kept.copy_(param)
+                    else:
+                        best_state, own_best = [p.detach().clone() for p in flat], True
+                elif tracking:
+                    stale += 1
+                    log.stopped_early = bool(config.early_stop) and stale >= config.early_stop
+            between_steps, rng = True, torch.get_rng_state()
+            if checkpoint is not None and checkpoint.due(step + 1, time.perf_counter()):
+                save(step + 1, rng)
+            if log.stopped_early:
+                break
+    except KeyboardInterrupt:
+        if checkpoint is not None and between_steps and log.steps > checkpoint.saved_step:
+            save(log.steps, rng)
+        raise
     finally:
         module.eval()
         optimizer.zero_grad(set_to_none=True)
@@ -399,6 +430,56 @@ def train_loop(
                     param.copy_(kept)
     log.time_s = time.perf_counter() - began
     return log
+
+
+def _fit_tensors(optimizer: torch.optim.Optimizer, flat: list[nn.Parameter], best_state: list[torch.Tensor] | None,
+                 rng: torch.Tensor) -> dict[str, torch.Tensor]:  # fmt: skip
+    """What a :class:`FitCheckpoint` keeps of a fit: the trained tensors, AdamW's state of each, the best held-out
+    state when it is not the start, the global random state (dropout) and, on a GPU, CUDA's."""
+    tensors = {f"param.{i}": p.detach() for i, p in enumerate(flat)}
+    for i, param in enumerate(flat):
+        for key, value in optimizer.state.get(param, {}).items():
+            tensors[f"optimizer.{i}.{key}"] = value.detach() if torch.is_tensor(value) else torch.tensor(value)
+    for i, kept in enumerate(best_state or []):
+        tensors[f"best.{i}"] = kept
+    tensors["rng.cpu"] = rng
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    return tensors
+
+
+def _restore(optimizer: torch.optim.Optimizer, scheduler, flat: list[nn.Parameter], loop: dict,
+             tensors: dict[str, torch.Tensor], best_state: list[torch.Tensor] | None,
+             own_best: bool) -> tuple[list[torch.Tensor] | None, bool]:  # fmt: skip
+    """Put a saved fit back: parameters, AdamW's state, the schedule, the random state; returns the best state
+    (the saved one when an epoch had beaten the start, else the start as taken) and whether it is the loop's own."""
+    shapes = [tuple(tensors.get(f"param.{i}", torch.empty(0)).shape) for i in range(len(flat))]
+    if shapes != [tuple(p.shape) for p in flat] or f"param.{len(flat)}" in tensors:
+        raise FileError("the saved fit's tensors do not match the parameters this run trains; run again without "
+                        "--resume to start over")
+    with torch.no_grad():
+        for i, param in enumerate(flat):
+            param.copy_(tensors[f"param.{i}"])
+            prefix = f"optimizer.{i}."
+            state = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+            for key in state.keys() - {"step"}:  # AdamW's moments beside their parameter; its step count on the CPU
+                state[key] = state[key].to(param.device)
+            if state:
+                optimizer.state[param] = state
+    scheduler.load_state_dict(loop["schedule"])
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    if loop["best_epoch"]:
+        best = [tensors[f"best.{i}"].to(p.device) for i, p in enumerate(flat)]
+        if best_state is not None and own_best:
+            for kept, value in zip(best_state, best, strict=True):
+                kept.copy_(value)
+            return best_state, True
+        return best, True
+    return best_state, own_best
 
 
 def _reduce_gradients(params: list[nn.Parameter], value: float) -> float:
@@ -461,11 +542,14 @@ def fit_model(
     after_step: Callable[[], None] | None = None,
     probe_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress: Update | None = None,
+    checkpoint: FitCheckpoint | None = None,
 ) -> dict:
     """Train a whole model: ``loss_fn(batch_ids)`` on the calibration windows (the last ``heldout`` held out).
 
     ``calib_ids`` may also be a :class:`~sparsefit.data.task.TaskSet` of task examples: ``loss_fn`` then gets a
     :class:`~sparsefit.data.task.TaskBatch` (tokens, attention mask, labels) and batches are grouped by length.
+
+    ``checkpoint``: the fit saves its state there and, resuming, continues from it (:func:`train_loop`).
 
     ``probe_fn`` (default ``loss_fn``) measures the loss on the first ``probe_windows`` windows in eval mode
     before and after: the number a test (and a user) checks to see that training did something.
@@ -496,7 +580,7 @@ def fit_model(
     log = train_loop(
         model, params, on_windows(loss_fn), n_train, config, steps=steps, seed=config.seed, after_step=after_step,
         heldout_loss=held, initial_heldout=held() if held else None, progress=progress, shard=shard,
-        lengths=calib_ids.lengths[:n_train] if isinstance(calib_ids, TaskSet) else None,
+        lengths=calib_ids.lengths[:n_train] if isinstance(calib_ids, TaskSet) else None, checkpoint=checkpoint,
     )  # fmt: skip
     result = log.to_dict()
     result["tokens"] = log.windows * seqlen  # task examples: an upper bound (seqlen is the longest example)
@@ -523,6 +607,7 @@ def fit_masked(
     device: torch.device,
     train_embeddings: bool = True,
     progress: Update | None = None,
+    checkpoint: FitCheckpoint | None = None,
 ) -> tuple[dict, int]:
     """Train every parameter of ``model`` (embeddings too unless ``train_embeddings`` is False) by
     :func:`fit_model`, keeping ``masks``: pruned weights get zero gradients before clipping and are zeroed again
@@ -541,7 +626,8 @@ def fit_masked(
         params = [p for p in model.parameters() if p.requires_grad]
         hooks = mask_gradients(model_layers(model), masks)  # before clipping sees them
         log = fit_model(model, params, loss_fn, calib_ids, config, steps=steps, device=device,
-                        after_step=lambda: apply_masks(model, masks), progress=progress)  # fmt: skip
+                        after_step=lambda: apply_masks(model, masks), progress=progress,
+                        checkpoint=checkpoint)  # fmt: skip
     finally:
         for hook in hooks:
             hook.remove()

@@ -1,4 +1,5 @@
-"""Per-block checkpoints, so a long walk resumes at the block where it stopped.
+"""Checkpoints, so a long run resumes where it stopped: per block for a walk (:class:`BlockCheckpoint`), per step
+for a whole-model fit (:class:`FitCheckpoint`).
 
 After each finished block: its weights go to ``block_<i>.safetensors``, the next block's inputs
 (and any other carried activations) to ``carry_<i+1>.safetensors``, then ``progress.json`` names the
@@ -10,7 +11,8 @@ Under torchrun rank 0 writes the blocks and ``progress.json``; every rank writes
 activations (``carry_<i>.rank<r>.safetensors``), and a resume needs the same number of processes.
 
 A file-system fault during a run (:func:`resumable`: no space left) keeps the folder when it names a finished
-block, so ``--resume`` continues from there, and removes it when it holds nothing a resume could use.
+block (or a fit's saved step), so ``--resume`` continues from there, and removes it when it holds nothing a resume
+could use.
 """
 
 from __future__ import annotations
@@ -59,11 +61,14 @@ def resumable(out: str | os.PathLike) -> Iterator[None]:
             message = f"the run stopped: {reason}" + (f" ({where})" if where else "")
         folder = partial_folder(out)
         try:
-            finished = json.loads((folder / "progress.json").read_text())["next_block"]
+            progress = json.loads((folder / "progress.json").read_text())
+            finished, unit = (progress["step"], "step") if "step" in progress else (progress["next_block"], "block")
         except (OSError, ValueError, KeyError, TypeError):
-            finished = 0
+            finished, unit = 0, "block"
         if finished:
-            message += f" ({finished} finished block(s) are kept in {str(folder)!r}: add --resume to continue)"
+            kept = (f"{finished} finished block(s) are kept" if unit == "block"
+                    else f"the fit's state after step {finished} is kept")  # fmt: skip
+            message += f" ({kept} in {str(folder)!r}: add --resume to continue)"
         elif distributed.is_main():
             shutil.rmtree(folder, ignore_errors=True)
         raise WriteError(message) from None
@@ -98,15 +103,7 @@ class BlockCheckpoint:
             if not isinstance(progress, dict) or not {"fingerprint", "next_block", "reports"} <= set(progress):
                 raise FileError(f"checkpoint file {str(progress_file)!r} is damaged (not a progress record); run "
                                 f"again without --resume to start over")  # fmt: skip
-            if progress["fingerprint"] != self.fingerprint:
-                changed = sorted(
-                    k for k in set(progress["fingerprint"]) | set(self.fingerprint)
-                    if progress["fingerprint"].get(k) != self.fingerprint.get(k)
-                )  # fmt: skip
-                raise UsageError(
-                    f"cannot resume {str(self.folder)!r}: the settings differ ({', '.join(changed)}); "
-                    "run again with the same settings, or without --resume"
-                )
+            _same_settings(self.folder, progress["fingerprint"], self.fingerprint)
             next_block = progress["next_block"]
             carry = _read_kept(self._carry_file(next_block), lambda path: load_file(str(path)))
             return next_block, progress["reports"], carry
@@ -148,3 +145,94 @@ class BlockCheckpoint:
 
     def clear(self) -> None:
         distributed.on_main(lambda: shutil.rmtree(self.folder, ignore_errors=True), "clearing the checkpoint")
+
+
+class FitCheckpoint:
+    """The resumable state of one whole-model fit (SquareHead, LoRA, S²FT, full fine-tuning), in ``folder``.
+
+    :func:`sparsefit.recover.training.train_loop` saves, after a step, every trained tensor, AdamW's moments and
+    step counts, the best held-out state, the random state and its own counters (``fit_<step>.safetensors``, then
+    ``progress.json`` naming it, then the older file removed: a run killed at any moment resumes from the last
+    state fully saved). It saves every ``every_s`` seconds of training (or every ``every_steps`` steps), and when
+    the run is interrupted between two steps. A resumed fit skips the batches it has done and continues
+    bit-identically: the model it starts from is loaded again from the unchanged input, and what the fit computes
+    before its first step (the probe and held-out losses, LoRA's initial factors, S²FT's choice) is recomputed.
+
+    Under torchrun every rank holds the same trained state: rank 0 writes it, every rank reads it back.
+    """
+
+    def __init__(self, folder: Path, fingerprint: dict, *, resume: bool = False, every_s: float = 300.0,
+                 every_steps: int = 0) -> None:  # fmt: skip
+        self.folder = Path(folder)
+        self.fingerprint = json.loads(json.dumps({**fingerprint, "processes": distributed.world_size()}))
+        self.resume = resume
+        self.every_s, self.every_steps = every_s, every_steps
+        self.saved_step = 0
+        self._last_save = 0.0
+
+    @classmethod
+    def for_output(cls, out: Path, fingerprint: dict, **kwargs) -> FitCheckpoint:
+        return cls(partial_folder(out), fingerprint, **kwargs)
+
+    def saved(self) -> dict | None:
+        """The saved fit's progress record when resuming finds one with this run's settings (else one line, before
+        a job loads its model); None when there is none or the run starts over."""
+        progress_file = self.folder / "progress.json"
+        if not (self.resume and progress_file.exists()):
+            return None
+        progress = _read_kept(progress_file, lambda path: json.loads(path.read_text()))
+        if not isinstance(progress, dict) or not {"fingerprint", "step", "loop"} <= set(progress):
+            raise FileError(f"checkpoint file {str(progress_file)!r} is damaged (not a fit's progress record); "
+                            f"run again without --resume to start over")  # fmt: skip
+        _same_settings(self.folder, progress["fingerprint"], self.fingerprint)
+        return progress
+
+    def start(self, now: float) -> tuple[int, dict, dict[str, torch.Tensor]] | None:
+        """``(step, loop state, tensors)`` of the saved fit when resuming finds one; else a fresh folder and None.
+        ``now``: the loop's clock, from which the next save is timed."""
+        self._last_save = now
+        progress = self.saved()
+        if progress is not None:
+            tensors = _read_kept(self._file(progress["step"]), lambda path: load_file(str(path)))
+            self.saved_step = progress["step"]
+            return progress["step"], progress["loop"], tensors
+
+        def fresh() -> None:
+            if self.folder.exists():
+                shutil.rmtree(self.folder)
+            self.folder.mkdir(parents=True)
+
+        distributed.on_main(fresh, "starting the checkpoint")
+        return None
+
+    def _file(self, step: int) -> Path:
+        return self.folder / f"fit_{step}.safetensors"
+
+    def due(self, step: int, now: float) -> bool:
+        if self.every_steps:
+            return step % self.every_steps == 0
+        return now - self._last_save >= self.every_s
+
+    def save(self, step: int, loop: dict, tensors: dict[str, torch.Tensor], now: float) -> None:
+        """The state after ``step`` (rank 0 writes; every rank holds the same)."""
+        self._last_save = now
+        if step <= self.saved_step:
+            return
+        if distributed.is_main():
+            save_tensors_atomically(tensors, self._file(step))
+            progress = {"step": step, "loop": loop, "fingerprint": self.fingerprint}
+            write_file_atomically(self.folder / "progress.json", json.dumps(progress, indent=2))
+            if self.saved_step:
+                self._file(self.saved_step).unlink(missing_ok=True)
+        self.saved_step = step
+
+    def clear(self) -> None:
+        distributed.on_main(lambda: shutil.rmtree(self.folder, ignore_errors=True), "clearing the checkpoint")
+
+
+def _same_settings(folder: Path, saved: dict, current: dict) -> None:
+    """One UsageError line naming the settings that differ between a saved run and this one."""
+    if saved != current:
+        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        raise UsageError(f"cannot resume {str(folder)!r}: the settings differ ({', '.join(changed)}); "
+                         "run again with the same settings, or without --resume")  # fmt: skip
