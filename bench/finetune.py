@@ -13,7 +13,8 @@ after interleaved EBFT on the task's text (``ebft``, ``quick`` preset). Every tr
 
 A row is ``dense:base|full|lora|s2ft`` or ``METHOD:SPARSITY:pruned|ce|squarehead|ebft``, a training row with an
 optional ``@LR`` (``dense:full@3e-4``: another rate than ``RATES``'s, for a rate sweep); sparse rows need the
-``dense:full`` row's model (kept under ~/.cache/sparsefit/bench/finetune). Writes bench/results/finetune.{json,md};
+``dense:full`` row's model (kept under ~/.cache/sparsefit/bench/finetune), tuned for ``--teacher-steps`` steps (100;
+a ``dense:full`` row run with ``--steps N`` makes the teacher of N steps). Writes bench/results/finetune.{json,md};
 ``--merge`` keeps the rows measured before. Run it alone on idle cores: the seconds per step are timings.
 """
 
@@ -44,6 +45,11 @@ def work_dir() -> Path:
     from sparsefit.assets import home
 
     return home() / "bench" / "finetune"
+
+
+def teacher_dir(steps: int) -> Path:
+    """The tuned teacher of ``steps`` steps (the ``dense:full`` row's model at ``--steps``); 100 is the main table's."""
+    return work_dir() / ("teacher" if steps == 100 else f"teacher-{steps}")
 
 
 def reset_peak() -> None:
@@ -93,40 +99,41 @@ def measure(args: argparse.Namespace, name: str) -> dict:
     name, _, rate = name.partition("@")
     lr = float(rate) if rate else None
     parts = name.split(":")
-    teacher_dir = work_dir() / "teacher"
+    teacher = teacher_dir(args.steps if parts[0] == "dense" else args.teacher_steps)
     if parts[0] == "dense":
         loaded = load(MODEL)
         row: dict = {"status": "ok"}
         if parts[1] != "base":
             row.update(train(loaded, parts[1], args, lr=lr))
         if parts[1] == "full" and lr is None:  # the tuned teacher of the sparse rows
-            loaded.model.save_pretrained(teacher_dir)
-            loaded.tokenizer.save_pretrained(teacher_dir)
+            loaded.model.save_pretrained(teacher)
+            loaded.tokenizer.save_pretrained(teacher)
         return {**row, **score(loaded.model, loaded.tokenizer, args.limit)}
     method, sparsity, lever = parts[0], float(parts[1]), parts[2]
-    if not (teacher_dir / "config.json").exists():
-        return {"status": "failed", "error": "run the dense:full row first (the tuned teacher)"}
+    if not (teacher / "config.json").exists():
+        return {"status": "failed", "error": f"run the dense:full row with --steps {args.teacher_steps} first "
+                                             "(the tuned teacher)"}
     from sparsefit.app.jobs import run_prune
     from sparsefit.prune import PruneConfig
 
     # Each row prunes into its own folder: rows run in parallel (--jobs), and a `pruned` row rewriting the folder
     # that a `ce` row of the same method and sparsity was loading made that row fail. The masks are the same.
-    pruned_dir = work_dir() / f"{method}-{sparsity}-{lever}"
+    pruned_dir = work_dir() / f"{method}-{sparsity}-{lever}-teacher{args.teacher_steps}"
     config = PruneConfig(method=method, sparsity=sparsity, calib="arithmetic", nsamples=args.nsamples,
                          seqlen=args.seqlen, device="cpu")  # fmt: skip
-    row = {"status": "ok"}
+    row = {"status": "ok", "teacher_steps": args.teacher_steps}
     began = time.process_time()
     if lever == "ebft":
-        run_prune(str(teacher_dir), config, pruned_dir, overwrite=True, recover="ebft",
+        run_prune(str(teacher), config, pruned_dir, overwrite=True, recover="ebft",
                   recover_options={"preset": "quick"}, guard="warn")  # fmt: skip
         loaded = load(str(pruned_dir))
         row["cpu_min"] = (time.process_time() - began) / 60
     else:
-        run_prune(str(teacher_dir), config, pruned_dir, overwrite=True)
+        run_prune(str(teacher), config, pruned_dir, overwrite=True)
         loaded = load(str(pruned_dir))
         if lever in ("ce", "squarehead"):
-            teacher = load(str(teacher_dir)).model if lever == "squarehead" else None
-            row.update(train(loaded, lever, args, teacher, lr=lr))
+            tuned = load(str(teacher)).model if lever == "squarehead" else None
+            row.update(train(loaded, lever, args, tuned, lr=lr))
     return {**row, **score(loaded.model, loaded.tokenizer, args.limit)}
 
 
@@ -148,7 +155,7 @@ def report(args: argparse.Namespace, runs: dict[str, dict]) -> None:
              f"match on the first {args.limit} of its 600 test questions, greedy). Every training row: "
              f"{args.steps} steps of {args.batch} questions, one pass, at the row's rate (LoRA r 8 on q/v; S²FT the "
              f"`cpu` preset's heads and channels; SquareHead its `cpu` preset's rate, 4 x the paper's table). "
-             f"Sparse rows prune the `dense:full` model with the task's "
+             f"Sparse rows prune the `dense:full` model of {args.teacher_steps} steps with the task's "
              f"training text as calibration ({args.nsamples} x {args.seqlen} tokens). torch "
              f"{torch.__version__}, {args.threads or torch.get_num_threads()} thread(s) per process, "
              f"{args.jobs} row(s) at a time. Peak MB: resident high-water mark during the fit (model, gradients, "
@@ -162,6 +169,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="dense:base,dense:full,dense:lora,dense:s2ft")
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--teacher-steps", type=int, default=100,
+                        help="sparse rows: prune the teacher tuned for this many steps (its dense:full row first)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--limit", type=int, default=200, help="test questions scored")
     parser.add_argument("--nsamples", type=int, default=64)
@@ -183,7 +192,8 @@ def main() -> None:
             len(parts) == 3 and parts[0] in ("wanda", "sparsegpt") and parts[2] in SPARSE)  # fmt: skip
         if not ok:
             sys.exit(f"row {name!r} is not dense:{'|'.join(DENSE)} or wanda|sparsegpt:SPARSITY:{'|'.join(SPARSE)}")
-    passed = ["--steps", str(args.steps), "--batch", str(args.batch), "--limit", str(args.limit),
+    passed = ["--steps", str(args.steps), "--teacher-steps", str(args.teacher_steps), "--batch", str(args.batch),
+              "--limit", str(args.limit),
               "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]  # fmt: skip
 
     def on_done(runs: dict) -> None:

@@ -348,6 +348,8 @@ def train_loop(
         running, in_epoch = loop["running"], loop["in_epoch"]
         best, stale, best_epoch = loop["best"], loop["stale"], loop["best_epoch"]
         began -= log.time_s
+        if progress is not None:
+            progress(done=done, note=f"resumed after step {done}")
 
     def save(step: int, rng: torch.Tensor) -> None:
         log.time_s = time.perf_counter() - began
