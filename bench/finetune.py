@@ -6,7 +6,8 @@ fit: what training adds to the loaded model). Sparse rows: Wanda and SparseGPT a
 tuned teacher (the ``dense:full`` row's model) with the task's training text as calibration; for each, the accuracy
 pruned, after cross-entropy fine-tuning (``ce``), after SquareHead against the tuned teacher (``squarehead``), and
 after interleaved EBFT on the task's text (``ebft``, ``quick`` preset). Every training row runs ``--steps`` steps of
-``--batch`` examples (one pass over the first steps x batch training questions).
+``--batch`` examples (one pass over the first steps x batch training questions; more steps than one pass over
+all 2,400 take whole passes).
 
     .venv/bin/python bench/finetune.py --rows dense:base,dense:full,dense:lora,dense:s2ft
     .venv/bin/python bench/finetune.py --merge --rows wanda:0.5:pruned,wanda:0.5:ce,wanda:0.5:squarehead
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -76,7 +78,8 @@ def train(loaded, method_name: str, args, teacher=None, lr: float | None = None)
     examples = load_examples("arithmetic", "train", args.steps * args.batch)
     data = encode_examples(loaded.tokenizer, examples, 256)
     method = get_method("full" if method_name == "ce" else method_name)
-    options = {"epochs": 1, "batch_size": args.batch}
+    # More steps than one pass over the 2,400 training questions take: whole passes (600 steps of 8: 2 epochs).
+    options = {"epochs": math.ceil(args.steps * args.batch / len(examples)), "batch_size": args.batch}
     if lr is not None or method_name != "squarehead":
         options["lr"] = lr if lr is not None else RATES[method_name]
     config = method.configure(options)
@@ -137,6 +140,14 @@ def measure(args: argparse.Namespace, name: str) -> dict:
     return {**row, **score(loaded.model, loaded.tokenizer, args.limit)}
 
 
+def passes(args: argparse.Namespace) -> str:
+    from sparsefit.data.task import load_examples
+
+    train = len(load_examples("arithmetic", "train"))
+    count = math.ceil(args.steps * args.batch / train)
+    return "one pass" if count == 1 else f"{count} passes over the {train:,} training questions"
+
+
 def report(args: argparse.Namespace, runs: dict[str, dict]) -> None:
     def cell(run: dict, key: str, fmt: str) -> str:
         return format(run[key], fmt) if key in run else ""
@@ -153,8 +164,9 @@ def report(args: argparse.Namespace, runs: dict[str, dict]) -> None:
                      cell(run, "trainable_params", ",")])  # fmt: skip
     notes = (f"SmolLM2-135M on `arithmetic` (train: the first steps x batch of its 2,400 training questions; exact "
              f"match on the first {args.limit} of its 600 test questions, greedy). Every training row: "
-             f"{args.steps} steps of {args.batch} questions, one pass, at the row's rate (LoRA r 8 on q/v; S²FT the "
-             f"`cpu` preset's heads and channels; SquareHead its `cpu` preset's rate, 4 x the paper's table). "
+             f"{args.steps} steps of {args.batch} questions, {passes(args)}, at the row's rate (LoRA r 8 on q/v; "
+             f"S²FT the `cpu` preset's heads and channels; SquareHead its `cpu` preset's rate, 4 x the paper's "
+             f"table). "
              f"Sparse rows prune the `dense:full` model of {args.teacher_steps} steps with the task's "
              f"training text as calibration ({args.nsamples} x {args.seqlen} tokens). torch "
              f"{torch.__version__}, {args.threads or torch.get_num_threads()} thread(s) per process, "
