@@ -131,3 +131,16 @@ def test_an_interrupted_two_step_recover_with_a_whole_model_method_resumes(works
     assert cli(monkeypatch, *recover(out, "--resume")) == 0
     same_weights(whole, out)
 
+
+
+def test_a_damaged_fit_checkpoint_is_one_line(workspace, pruned, monkeypatch, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "d"
+    restore = interrupt_at_loss(monkeypatch, 4)
+    assert cli(monkeypatch, *finetune_args(workspace, pruned, "full", out)) == 130
+    restore()
+    (saved,) = (tmp_path / ".d.partial").glob("fit_*.safetensors")
+    saved.write_bytes(saved.read_bytes()[:1000])  # cut short, as by a full disk or a killed copy
+    capsys.readouterr()
+    assert cli(monkeypatch, *finetune_args(workspace, pruned, "full", out, "--resume")) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "is damaged" in err[0] and "without --resume" in err[0] and not out.exists()
