@@ -114,6 +114,11 @@ def test_resume_with_other_settings_is_refused_before_loading(workspace, pruned,
     assert "settings differ (config)" in err and len(err.strip().splitlines()) == 1 and not out.exists()
     assert cli(monkeypatch, *finetune_args(workspace, pruned, "lora", out)) == 0  # a fresh run clears the old state
     assert not (tmp_path / ".r.partial").exists()
+    stopped = tmp_path / "early"
+    restore = interrupt_at_loss(monkeypatch, 1)  # before any step: nothing to keep, nothing left behind
+    assert cli(monkeypatch, *finetune_args(workspace, pruned, "lora", stopped)) == 130
+    restore()
+    assert sorted(p.name for p in tmp_path.iterdir() if "early" in p.name) == []
 
 
 def test_an_interrupted_two_step_recover_with_a_whole_model_method_resumes(workspace, pruned,  # noqa: F811

@@ -196,13 +196,9 @@ class FitCheckpoint:
             tensors = _read_kept(self._file(progress["step"]), lambda path: load_file(str(path)))
             self.saved_step = progress["step"]
             return progress["step"], progress["loop"], tensors
-
-        def fresh() -> None:
-            if self.folder.exists():
-                shutil.rmtree(self.folder)
-            self.folder.mkdir(parents=True)
-
-        distributed.on_main(fresh, "starting the checkpoint")
+        # A fresh fit drops an earlier state; its own folder comes with its first save, so a fit that stops before
+        # one leaves nothing behind.
+        distributed.on_main(lambda: shutil.rmtree(self.folder, ignore_errors=True), "starting the checkpoint")
         return None
 
     def _file(self, step: int) -> Path:
@@ -219,6 +215,7 @@ class FitCheckpoint:
         if step <= self.saved_step:
             return
         if distributed.is_main():
+            self.folder.mkdir(parents=True, exist_ok=True)
             save_tensors_atomically(tensors, self._file(step))
             progress = {"step": step, "loop": loop, "fingerprint": self.fingerprint}
             write_file_atomically(self.folder / "progress.json", json.dumps(progress, indent=2))
