@@ -474,13 +474,8 @@ def _restore(optimizer: torch.optim.Optimizer, scheduler, flat: list[nn.Paramete
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
-    if loop["best_epoch"]:
-        best = [tensors[f"best.{i}"].to(p.device) for i, p in enumerate(flat)]
-        if best_state is not None and own_best:
-            for kept, value in zip(best_state, best, strict=True):
-                kept.copy_(value)
-            return best_state, True
-        return best, True
+    if loop["best_epoch"]:  # an epoch beat the start: its saved state is the loop's own from here on
+        return [tensors[f"best.{i}"].to(p.device) for i, p in enumerate(flat)], True
     return best_state, own_best
 
 
