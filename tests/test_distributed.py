@@ -149,6 +149,14 @@ def test_perplexity_from_two_processes_equals_one(workspace):
     assert two["ppl"][corpus]["value"] == pytest.approx(one["ppl"][corpus]["value"], rel=1e-6)
 
 
+def wanda_run(workspace: Path, name: str) -> Path:
+    """``workspace/name``: the tiny model pruned by Wanda to 50 % in one process, for the fits to start from."""
+    ok(sparsefit("prune", "--model", workspace / "model", "--calib", workspace / "corpus.txt", "--nsamples", "8",
+                 "--seqlen", "32", "--method", "wanda", "--sparsity", "0.5", "--device", "cpu",
+                 "--out", workspace / name))  # fmt: skip
+    return workspace / name
+
+
 def fits_from_one_and_two_processes(workspace: Path, args: list, weights_within: float) -> None:
     """A whole-model fit (``args``) run by one process and by two: the same masks, the weights within
     ``weights_within`` of each tensor's largest entry, the same final loss, and a loss that fell."""
@@ -164,10 +172,7 @@ def fits_from_one_and_two_processes(workspace: Path, args: list, weights_within:
 
 
 def test_whole_model_recovery_from_two_processes_matches_one(workspace):
-    ok(sparsefit("prune", "--model", workspace / "model", "--calib", workspace / "corpus.txt", "--nsamples", "8",
-                 "--seqlen", "32", "--method", "wanda", "--sparsity", "0.5", "--device", "cpu",
-                 "--out", workspace / "pruned"))  # fmt: skip
-    args = ["recover", workspace / "pruned", "--method", "squarehead", "--device", "cpu", "--epochs", "2",
+    args = ["recover", wanda_run(workspace, "pruned"), "--method", "squarehead", "--device", "cpu", "--epochs", "2",
             "--train-batch", "4"]  # fmt: skip
     fits_from_one_and_two_processes(workspace, args, weights_within=3e-3)
 
@@ -175,10 +180,7 @@ def test_whole_model_recovery_from_two_processes_matches_one(workspace):
 def test_an_interrupted_two_process_fit_resumes_with_two_processes(workspace):
     """Ctrl-C in the fourth step of a SquareHead fit in both ranks: rank 0 saves the state after step 3, and
     --resume with two processes gives the uninterrupted two-process weights bit for bit."""
-    ok(sparsefit("prune", "--model", workspace / "model", "--calib", workspace / "corpus.txt", "--nsamples", "8",
-                 "--seqlen", "32", "--method", "wanda", "--sparsity", "0.5", "--device", "cpu",
-                 "--out", workspace / "pruned-fit"))  # fmt: skip
-    args = ["recover", workspace / "pruned-fit", "--method", "squarehead", "--device", "cpu", "--epochs", "2",
+    args = ["recover", wanda_run(workspace, "pruned-fit"), "--method", "squarehead", "--device", "cpu", "--epochs", "2",
             "--train-batch", "4"]  # fmt: skip
     ok(sparsefit(*args, "--out", workspace / "fit-full", processes=2))
     hook = str(Path(__file__).parent / "interrupt_hook")
@@ -256,13 +258,11 @@ def test_task_fine_tuning_from_two_processes_matches_one(workspace):
     """`finetune` shards a task's examples over the ranks as the block-wise methods shard windows (issue 23): the
     gradients are summed, so full fine-tuning of the whole model ends where one process does, masks kept (measured:
     weights within 1.3e-5 of the largest entry, the same losses to 1e-7)."""
-    ok(sparsefit("prune", "--model", workspace / "model", "--calib", workspace / "corpus.txt", "--nsamples", "8",
-                 "--seqlen", "32", "--method", "wanda", "--sparsity", "0.5", "--device", "cpu",
-                 "--out", workspace / "pruned"))  # fmt: skip
+    pruned = wanda_run(workspace, "pruned")
     rng = torch.Generator().manual_seed(0)
     pairs = torch.randint(0, 50, (32, 2), generator=rng).tolist()
     (workspace / "sums.jsonl").write_text("".join(json.dumps({"prompt": f"{a} + {b} =", "completion": f" {a + b}"})
                                                   + "\n" for a, b in pairs))  # fmt: skip
-    args = ["finetune", "--model", workspace / "pruned", "--data", workspace / "sums.jsonl", "--method", "full",
+    args = ["finetune", "--model", pruned, "--data", workspace / "sums.jsonl", "--method", "full",
             "--epochs", "2", "--train-batch", "4", "--lr", "1e-3", "--device", "cpu"]  # fmt: skip
     fits_from_one_and_two_processes(workspace, args, weights_within=1e-4)
