@@ -20,9 +20,11 @@ venv: $(VENV)/.installed
 run: venv
 	$(VENV)/bin/sparsefit run --overwrite
 
+# One test process per core (pytest-xdist), each test file on one of them so that its shared fixtures (a loaded
+# model, a pruned run) are built once; tests/conftest.py gives each process one thread and fails a test over 60 s.
 test: venv
 	$(VENV)/bin/ruff check src tests bench
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 lint: venv
 	$(VENV)/bin/ruff check src tests bench

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import (
@@ -15,6 +17,14 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
 )
+
+# `make test` runs the suite in two processes (pytest-xdist), one per core: each takes one thread, and so do the
+# processes the tests start (OMP_NUM_THREADS), since threads spinning on a core the other process holds cost 10-100x.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+pytest_plugins = ["pytester"]  # tests/test_suite_limit.py runs a suite of its own
 
 VOCAB = 260  # 256 bytes + a few specials
 
@@ -98,3 +108,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# --- the per-test time limit ------------------------------------------------------------------------------
+# No single test may take more than this (its setup, call and teardown together), so that the suite cannot grow
+# back to half an hour one slow test at a time (issue 33). A measurement belongs in bench/, not in a test.
+TEST_LIMIT_S = float(os.environ.get("SPARSEFIT_TEST_LIMIT_S", "60"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    spent = getattr(item, "_sparsefit_seconds", 0.0) + call.duration
+    item._sparsefit_seconds = spent
+    if report.when == "teardown" and spent > TEST_LIMIT_S and report.passed:
+        report.outcome = "failed"
+        report.longrepr = f"{item.nodeid} took {spent:.1f} s, over the {TEST_LIMIT_S:g} s limit for one test"

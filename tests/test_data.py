@@ -353,3 +353,18 @@ def test_test_stream_is_cached_on_disk(byte_tokenizer, isolated_home):
     other = Corpus("cached", tuple(docs[:30]), tuple(docs[31:]))  # other text: another key
     assert test_stream(byte_tokenizer, other).shape[1] < stream.shape[1]
     assert len(list((isolated_home / "tokens").glob("cached-test-*.safetensors"))) == 2
+
+
+def test_a_mix_draws_equal_interleaved_shares_of_each_part(byte_tokenizer, tmp_path):
+    (tmp_path / "a.txt").write_text("\n\n".join(f"alpha {i} " * 40 for i in range(30)))
+    (tmp_path / "b.txt").write_text("\n\n".join(f"bravo {i} " * 40 for i in range(30)))
+    a, b = str(tmp_path / "a.txt"), str(tmp_path / "b.txt")
+    mix = get_corpus(f"{a}+{b}")
+    assert mix.name == f"{a}+{b}" and [part.name for part in mix.parts] == [a, b]
+    assert mix.test_text() == "\n\n".join([get_corpus(a).test_text(), get_corpus(b).test_text()])
+    windows = calibration_windows(byte_tokenizer, mix, 5, 32, 3)
+    alone = [calibration_windows(byte_tokenizer, part, n, 32, 3) for part, n in ((a, 3), (b, 2))]
+    assert torch.equal(windows, torch.stack([alone[0][0], alone[1][0], alone[0][1], alone[1][1], alone[0][2]]))
+    for bad in (f"{a}+", f"{a}+{a}", f"{a}+no-such-corpus"):
+        with pytest.raises(UsageError, match="such"):
+            get_corpus(bad)

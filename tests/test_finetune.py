@@ -251,27 +251,31 @@ def test_finetune_refuses_a_bad_jsonl_and_a_teacher_of_another_vocabulary(worksp
 
 
 @pytest.mark.slow
-def test_full_fine_tuning_of_smollm2_raises_arithmetic_exact_match():
-    """The real model on the real task: 100 steps of 8 training questions lift exact match on 200 test questions
-    (measured: 0.135 -> 0.26, ~4 CPU-minutes)."""
-    from sparsefit.evaluate.exact_match import load_generative
+def test_full_fine_tuning_of_smollm2_lowers_the_task_loss_on_unseen_questions():
+    """The real model on the real task: 8 steps of 8 training questions lower the completion loss on 32 test
+    questions. Exact match after 100 steps (0.135 -> 0.445 at 3e-5, ~4 CPU-minutes) is bench/finetune.py's."""
     from sparsefit.models import load
     from sparsefit.prune import parse_pattern
     from sparsefit.recover import RecoveryContext, get_method
 
-    torch.set_num_threads(2)  # the real model gains from both cores (one_thread restores the setting afterwards)
     loaded = load("smollm2-135m")
-    task = load_generative("arithmetic", 200)
-    before = exact_match(loaded.model, loaded.tokenizer, task)["exact_match"]
-    train = encode_examples(loaded.tokenizer, load_examples("arithmetic", "train", 800), 256)
+    train = encode_examples(loaded.tokenizer, load_examples("arithmetic", "train", 64), 256)
+    test = encode_examples(loaded.tokenizer, load_examples("arithmetic", "test", 32), 256)
+
+    def test_loss() -> float:
+        with torch.no_grad():
+            return sum(float(causal_lm_loss(loaded.model, test[range(i, i + 8)])) for i in range(0, 32, 8)) / 4
+
+    before = test_loss()
     method = get_method("full")
     config = method.configure({"epochs": 1, "batch_size": 8, "lr": 1e-4})
     ctx = RecoveryContext(model=loaded.model, teacher=loaded.model, tokenizer=loaded.tokenizer, calib_ids=train,
                           pattern=parse_pattern("unstructured"), device=torch.device("cpu"))  # fmt: skip
     fit = method.run(ctx, config)["fit"]
-    after = exact_match(loaded.model, loaded.tokenizer, task)["exact_match"]
-    assert fit["steps"] == 100 and fit["final_loss"] < fit["initial_loss"] / 2
-    assert after >= before + 0.06, (before, after)
+    after = test_loss()
+    print(f"arithmetic test loss {before:.4f} -> {after:.4f}")
+    assert fit["steps"] == 8 and fit["final_loss"] < fit["initial_loss"]
+    assert after < 0.8 * before, (before, after)
 
 
 def test_gsm8k_is_lm_evals_8_shot_gsm8k_cot():

@@ -70,6 +70,30 @@ def test_guard_windows_come_after_the_calibration_windows(workspace):  # noqa: F
     assert torch.equal(windows, guard.guard_windows(tokenizer, corpus, 8, 64, 0, calib, tokens=512))  # seeded
 
 
+def test_longer_guard_windows_share_no_run_with_the_calibration_windows(workspace):  # noqa: F811
+    tokenizer = load(str(workspace / "tiny")).tokenizer
+    corpus = str(workspace / "corpus.txt")
+    calib = calibration_windows(tokenizer, corpus, 8, 64, 0)
+    windows = guard.guard_windows(tokenizer, corpus, 8, 64, 0, calib, length=256, tokens=512)
+    assert windows.shape == (2, 256)
+    overlap = guard.defaults.GUARD_OVERLAP
+    calib_runs = {tuple(row[i : i + overlap]) for row in calib.tolist() for i in range(64 - overlap + 1)}
+    assert all(tuple(row[i : i + overlap]) not in calib_runs for row in windows.tolist() for i in range(256 - overlap))
+    assert torch.equal(windows, guard.guard_windows(tokenizer, corpus, 8, 64, 0, calib, length=256, tokens=512))
+    shorter = guard.guard_windows(tokenizer, corpus, 8, 64, 0, calib, length=100_000, tokens=512)
+    assert 64 < shorter.shape[1] < 100_000  # a corpus too short for the length halves it
+    everything = calibration_windows(tokenizer, corpus, 4000, 64, 0)  # a corpus that is all calibration text
+    assert torch.equal(guard.guard_windows(tokenizer, corpus, 4000, 64, 1, everything, length=256, tokens=512),
+                       calibration_windows(tokenizer, corpus, 8, 64, 1 + 1_000_003))  # held out by seed alone
+
+
+def test_the_guard_length_is_the_evaluation_s_within_the_model_s_positions():
+    config = type("Config", (), {"max_position_embeddings": 512})()
+    assert guard.guard_length(config, 128) == 512  # the evaluation's 1,024, capped
+    assert guard.guard_length(config, 128, 256) == 256
+    assert guard.guard_length(config, 1024, 256) == 1024  # never shorter than the calibration windows
+
+
 def test_decide_calls_a_higher_or_non_finite_loss_worse():
     windows = torch.zeros(2, 8, dtype=torch.long)
     assert not guard.decide("fallback", windows, 3.0, 2.5).worse
@@ -83,7 +107,7 @@ def test_decide_calls_a_higher_or_non_finite_loss_worse():
 def test_a_diverging_ebft_falls_back_to_the_pruned_model_and_says_so(workspace, trained, tmp_path, mode):  # noqa: F811
     """In-memory interleaved walk: the guard keeps each block as pruned, and writes those blocks on a fall back."""
     run = run_prune(str(trained), prune_config(workspace), tmp_path / "r", recover="ebft",
-                    recover_options=DIVERGE, stream=False, guard=mode)  # fmt: skip
+                    recover_options=DIVERGE, stream=False, guard=mode, eval_seqlen=64)  # fmt: skip
     verdict = run["guard"]
     assert verdict["worse"] and not verdict["recovered_loss"] <= verdict["pruned_loss"]
     assert verdict["windows"] == math.ceil(4096 / 64) and verdict["dense_loss"] < verdict["pruned_loss"]
@@ -99,7 +123,8 @@ def test_a_diverging_ebft_falls_back_to_the_pruned_model_and_says_so(workspace, 
 
 def test_a_recovery_that_helps_is_kept(workspace, trained, tmp_path):  # noqa: F811
     run = run_prune(str(trained), prune_config(workspace), tmp_path / "r", recover="ebft",
-                    recover_options={"preset": "quick", "lr": 1e-3, "epochs": 2}, stream=False)  # fmt: skip
+                    recover_options={"preset": "quick", "lr": 1e-3, "epochs": 2}, stream=False,
+                    eval_seqlen=64)  # the tiny model learned 64-token windows: the guard measures those  # fmt: skip
     verdict = run["guard"]
     assert not verdict["worse"] and verdict["recovered_loss"] < verdict["pruned_loss"]
     dense, saved = linear_weights(trained), linear_weights(tmp_path / "r")

@@ -1,4 +1,4 @@
-"""Integration tests on the real SmolLM2-135M (slow: CI runs them; ~2-3 minutes on 2 idle cores)."""
+"""Integration tests on the real SmolLM2-135M (slow: CI runs them; each within a minute on one core)."""
 
 import copy
 
@@ -13,7 +13,7 @@ from sparsefit.recover import RecoveryContext, get_method
 
 pytestmark = pytest.mark.slow
 
-EVAL = dict(seqlen=512, max_tokens=4096)
+EVAL = dict(seqlen=512, max_tokens=2048)
 
 
 @pytest.fixture(scope="module")
@@ -34,24 +34,33 @@ def test_dense_perplexity_equals_plain_transformers(smol):
     assert ours.value == pytest.approx(torch.exp(losses.mean()).item(), rel=1e-5)
 
 
-def test_wanda_50_then_ebft(smol):
+@pytest.fixture(scope="module")
+def pruned(smol):
+    """Wanda 50 % from 16 x 256 windows of wiki, its masks and its perplexity."""
     loaded, stream, calib = smol
     model = copy.deepcopy(loaded.model)
-    teacher = loaded.model
     prune_model(model, calib, PruneConfig(method="wanda", sparsity=0.5, nsamples=16, seqlen=256, device="cpu"))
-    report = sparsity_report(model)
-    assert report["overall"] == 0.5  # exact: 576 and 1536 inputs halve evenly in every row
     masks = {
         (i, name): (weight_matrix(layer) != 0).clone()
         for i, block in enumerate(get_adapter(model).get_blocks(model))
         for name, layer in prunable_layers(block).items()
     }
-    pruned = perplexity(model, stream, **EVAL).value
-    # Measured 44.07 (dense 17.50 on the same 4096 tokens at seqlen 512; calibration wiki 16 x 256).
-    # A ±12% band: wide enough for BLAS and version noise, narrow enough to catch a wrong score or mask.
-    assert 44.07 * 0.88 < pruned < 44.07 * 1.12
+    return model, masks, perplexity(model, stream, **EVAL).value
 
-    ctx = RecoveryContext(model=model, teacher=teacher, tokenizer=loaded.tokenizer, calib_ids=calib,
+
+def test_wanda_50(pruned):
+    model, _, ppl = pruned
+    assert sparsity_report(model)["overall"] == 0.5  # exact: 576 and 1536 inputs halve evenly in every row
+    # Measured 47.03 on these 2,048 tokens at seqlen 512 (44.07 on 4,096; dense 17.50); calibration wiki 16 x 256.
+    # A ±12% band: wide enough for BLAS and version noise, narrow enough to catch a wrong score or mask.
+    assert 47.03 * 0.88 < ppl < 47.03 * 1.12, ppl
+
+
+def test_ebft_after_wanda_keeps_the_masks_and_lowers_perplexity(smol, pruned):
+    loaded, stream, calib = smol
+    model, masks, before = pruned
+    # The first 128 tokens of each calibration window: half the cost of the fit.
+    ctx = RecoveryContext(model=model, teacher=loaded.model, tokenizer=loaded.tokenizer, calib_ids=calib[:, :128],
                           pattern=parse_pattern("unstructured"), device=torch.device("cpu"),
                           options={"preset": "quick", "epochs": 1})  # fmt: skip
     result = get_method("ebft").run(ctx)
@@ -65,7 +74,8 @@ def test_wanda_50_then_ebft(smol):
     assert all(b["final_heldout"] <= b["initial_heldout"] for b in blocks), lines
     assert sum(b["final_heldout"] < b["initial_heldout"] for b in blocks) >= 27, lines
     recovered = perplexity(model, stream, **EVAL).value
-    # Measured 37.18 at lr 1e-3: one epoch closes about a quarter of the gap.
-    assert recovered < pruned * 0.93, recovered
+    print(f"wiki ppl @512: wanda {before:.2f}, wanda+ebft {recovered:.2f}")
+    # One epoch closes about a quarter of the gap (measured 37.18 on 4,096 tokens).
+    assert recovered < before * 0.93, (before, recovered)
     for (i, name), keep in masks.items():
         assert torch.equal(weight_matrix(get_adapter(model).get_blocks(model)[i].get_submodule(name)) != 0, keep)

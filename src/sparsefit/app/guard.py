@@ -25,7 +25,7 @@ from sparsefit import distributed
 from sparsefit.app import defaults
 from sparsefit.atomic import save_tensors_atomically
 from sparsefit.data import calibration_windows
-from sparsefit.errors import check
+from sparsefit.errors import UsageError, check
 from sparsefit.evaluate.streamed import streamed_head, walk_hidden
 from sparsefit.recover.training import causal_lm_loss
 from sparsefit.walk.shards import load_tensors
@@ -39,26 +39,77 @@ def check_mode(mode: str, where: str = "--guard") -> str:
     return mode
 
 
-def guard_windows(tokenizer, corpus, nsamples: int, seqlen: int, seed: int, calib: torch.Tensor,
-                  tokens: int = defaults.GUARD_TOKENS) -> torch.Tensor:  # fmt: skip
-    """Windows of the calibration corpus that no step trains on: the sampler's next draws after ``calib``.
+def guard_length(config, seqlen: int, length: int = defaults.GUARD_SEQLEN) -> int:
+    """The guard's window length: the evaluation's (``length``), within the model's positions, and never shorter
+    than the calibration windows (``seqlen``). Measured at the calibration length only, the guard kept a Gemma-3-270M
+    recovery that improved 256-token windows and made 512-token perplexity worse (issue 33)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        length = min(length, positions)
+    return max(seqlen, length)
 
-    The samplers draw window after window from one seeded generator, so drawing ``nsamples + count`` windows gives
-    the calibration windows first and then ``count`` new ones. Should the sampler's automatic mode choose
-    otherwise for the larger count (the first windows then differ), another seed draws them instead.
+
+def _runs(windows: torch.Tensor, size: int) -> set[tuple[int, ...]]:
+    """Every run of ``size`` consecutive tokens in ``windows`` (whole windows, when shorter)."""
+    runs = set()
+    for row in windows.tolist():
+        width = min(size, len(row))
+        runs.update(tuple(row[i : i + width]) for i in range(len(row) - width + 1))
+    return runs
+
+
+def guard_windows(tokenizer, corpus, nsamples: int, seqlen: int, seed: int, calib: torch.Tensor,
+                  length: int | None = None, tokens: int = defaults.GUARD_TOKENS) -> torch.Tensor:  # fmt: skip
+    """Windows of the calibration corpus that no step trains on, ``length`` tokens long (default ``seqlen``).
+
+    Longer than the calibration windows, they are drawn with another seed, and a window that shares a run of
+    ``GUARD_OVERLAP`` tokens with a calibration window is drawn again; a corpus too small for that halves the
+    length, down to ``seqlen``. At the calibration length they are the sampler's next draws after ``calib``: the
+    samplers draw window after window from one seeded generator, so drawing ``nsamples + count`` windows gives the
+    calibration windows first and then ``count`` new ones (where the sampler's first draws differ for the larger
+    count, they are drawn as the longer ones are; from a corpus too small for that, by another seed alone).
     """
+    length = seqlen if length is None else max(length, seqlen)
+    while length > seqlen:
+        windows = _clean_windows(tokenizer, corpus, seed, calib, length, tokens)
+        if windows is not None:
+            return windows
+        length = max(seqlen, length // 2)
     count = max(defaults.GUARD_MIN_WINDOWS, math.ceil(tokens / seqlen))
     both = calibration_windows(tokenizer, corpus, nsamples + count, seqlen, seed)
     if torch.equal(both[:nsamples], calib):
         return both[nsamples:]
-    return calibration_windows(tokenizer, corpus, count, seqlen, seed + 1_000_003)
+    windows = _clean_windows(tokenizer, corpus, seed, calib, seqlen, tokens)
+    if windows is None:  # a corpus that is hardly more than its calibration windows: held out by seed only
+        windows = calibration_windows(tokenizer, corpus, count, seqlen, seed + 1_000_003)
+    return windows
+
+
+def _clean_windows(tokenizer, corpus, seed: int, calib: torch.Tensor, length: int, tokens: int):
+    """``tokens / length`` windows of ``length`` drawn with another seed that share no run of ``GUARD_OVERLAP``
+    tokens with ``calib``; None when the corpus has too little text for them."""
+    count = max(defaults.GUARD_MIN_WINDOWS, math.ceil(tokens / length))
+    seen = _runs(calib, defaults.GUARD_OVERLAP)
+    for attempt in range(4):  # draws of 2x, 4x, 8x, 16x the windows needed, until enough are clean
+        try:
+            drawn = calibration_windows(tokenizer, corpus, count << (attempt + 1), length, seed + 1_000_003 + attempt)
+        except UsageError:  # the corpus holds no window this long
+            return None
+        kept = [row for row in drawn if seen.isdisjoint(_runs(row[None], defaults.GUARD_OVERLAP))]
+        if len(kept) >= count:
+            return torch.stack(kept[:count])
+    return None
 
 
 @torch.no_grad()
 def lm_loss(model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 4) -> float:
-    """The model's mean next-token loss over ``windows`` (equal lengths, so the mean of the batches' means)."""
+    """The model's mean next-token loss over ``windows`` (equal lengths, so the mean of the batches' means).
+
+    A batch holds at most ``defaults.GUARD_BATCH_TOKENS`` tokens: the logits of Gemma's 262k-word vocabulary take
+    1 GiB per 1,024 tokens."""
     model.to(device)
     model.eval()
+    batch_size = max(1, min(batch_size, defaults.GUARD_BATCH_TOKENS // windows.shape[1]))
     total = 0.0
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start : start + batch_size].to(device)

@@ -335,7 +335,8 @@ def _run_prune_streamed(
     if guarded:
         with timed(timings, "guard_before_s"):
             windows = model_guard.guard_windows(opened.tokenizer, get_corpus(config.calib), config.nsamples,
-                                                config.seqlen, config.seed, calib)  # fmt: skip
+                                                config.seqlen, config.seed, calib,
+                                                model_guard.guard_length(model.config, config.seqlen, eval_seqlen))
             dense_loss = model_guard.streamed_lm_loss(source, windows, device)
     pruned = model_guard.PrunedBlocks(checkpoint.folder) if guarded else None
     with timed(timings, "prune_s"), resumable(out):
@@ -463,8 +464,9 @@ def run_prune(
     guarded = method is not None and guard != "off"
     if guarded:
         with timed(timings, "guard_before_s"):
-            windows = model_guard.guard_windows(loaded.tokenizer, get_corpus(config.calib), config.nsamples,
-                                                config.seqlen, config.seed, calib)  # fmt: skip
+            windows = model_guard.guard_windows(
+                loaded.tokenizer, get_corpus(config.calib), config.nsamples, config.seqlen, config.seed, calib,
+                model_guard.guard_length(loaded.model.config, config.seqlen, eval_seqlen))
             dense_loss = model_guard.lm_loss(loaded.model, windows, device, config.batch_size)
     pruned = model_guard.PrunedBlocks(checkpoint.folder) if guarded else None  # files: a --resume finds them
     with timed(timings, "prune_s"), resumable(out):
@@ -613,7 +615,8 @@ def run_recover(
     activations = Activations(activations_dtype, max_bytes)
     if guard != "off":
         with timed(timings, "guard_before_s"):
-            windows = model_guard.guard_windows(sparse.tokenizer, get_corpus(calib), nsamples, seqlen, seed, calib_ids)
+            windows = model_guard.guard_windows(sparse.tokenizer, get_corpus(calib), nsamples, seqlen, seed, calib_ids,
+                                                model_guard.guard_length(sparse.model.config, seqlen, eval_seqlen))
             dense_loss = model_guard.lm_loss(dense.model, windows, device_, batch_size)
             before = model_guard.snapshot([sparse.model])
     ctx = RecoveryContext(
@@ -694,7 +697,8 @@ def _run_recover_streamed(
     )  # fmt: skip
     if guard != "off":
         with timed(timings, "guard_before_s"):
-            windows = model_guard.guard_windows(sparse.tokenizer, get_corpus(calib), nsamples, seqlen, seed, calib_ids)
+            windows = model_guard.guard_windows(sparse.tokenizer, get_corpus(calib), nsamples, seqlen, seed, calib_ids,
+                                                model_guard.guard_length(model.config, seqlen, eval_seqlen))
     with timed(timings, "recover_s"), resumable(out):
         report = method.run(ctx, config)
     if guard == "off":

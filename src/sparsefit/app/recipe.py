@@ -5,9 +5,10 @@ A recipe is YAML with the sections below; every key is optional and unknown keys
 
     name: default
     model: smollm2-135m
-    prune:   {method: wanda, sparsity: 0.5, pattern: unstructured, calib: wiki, nsamples: 64, seqlen: 128, seed: 0,
-              owl_lambda: null, owl_m: 5}   # owl_lambda 0.08: OWL's per-block sparsities (null/0: uniform)
-    recover: {method: ebft, preset: quick} # any method of `sparsefit recover`; the other keys are its options;
+    prune:   {method: wanda, sparsity: 0.5, pattern: unstructured, calib: wiki+books, nsamples: 16, seqlen: 512,
+              seed: 0, owl_lambda: null, owl_m: 5}   # owl_lambda 0.08: OWL's per-block sparsities (null/0: uniform)
+    recover: {method: ebft, preset: quick, batch_size: 1, epochs: 2}  # any method of `sparsefit recover`; the other
+                                           # keys are its options (a named preset brings its own batch and epochs);
                                            # `recover: null` skips it
     polish:  {method: squarehead, preset: cpu}  # optional: a short whole-model pass after `recover` (masks fixed),
                                                 # e.g. SquareHead's distillation after EBFT; default null
@@ -56,11 +57,11 @@ from sparsefit.recover import RecoveryContext
 from sparsefit.recover.training import convert_value, convert_values, field_types
 from sparsefit.walk import resolve_device
 
-DEFAULT_PRUNE = {"method": defaults.QUICK.method, "sparsity": defaults.QUICK.sparsity,
-                 "pattern": defaults.QUICK.pattern, **defaults.calibration(defaults.QUICK),
-                 "owl_lambda": defaults.QUICK.owl_lambda, "owl_m": defaults.QUICK.owl_m,
-                 "gqa": defaults.QUICK.gqa, "keep_heads": defaults.QUICK.keep_heads}  # fmt: skip
-DEFAULT_RECOVER = {"method": defaults.RECOVER_METHOD, "preset": "quick"}
+DEFAULT_PRUNE = {"method": defaults.RUN.method, "sparsity": defaults.RUN.sparsity,
+                 "pattern": defaults.RUN.pattern, **defaults.calibration(defaults.RUN),
+                 "owl_lambda": defaults.RUN.owl_lambda, "owl_m": defaults.RUN.owl_m,
+                 "gqa": defaults.RUN.gqa, "keep_heads": defaults.RUN.keep_heads}  # fmt: skip
+DEFAULT_RECOVER = dict(defaults.RUN_RECOVER)
 TASK_KEYS = ("data", "max_examples", "max_length", "chat_template")  # a task section's keys besides the method's
 DEFAULT_EVAL = {"ppl": list(defaults.EVAL_CORPORA), "seqlen": defaults.EVAL_SEQLEN,
                 "max_tokens": defaults.RUN_EVAL_MAX_TOKENS, "tasks": [], "limit": None}  # fmt: skip
@@ -134,7 +135,8 @@ class Recipe:
                     # A recipe naming another method starts from that method's defaults, not EBFT's preset. The
                     # method's own options are converted with its config's types (make_config), before any load.
                     method = convert_value(value.get("method", defaults.RECOVER_METHOD), str, "recipe recover method")
-                    base = DEFAULT_RECOVER if method == "ebft" else {}
+                    # A named preset brings its own batch and epochs.
+                    base = DEFAULT_RECOVER if method == "ebft" and "preset" not in value else {}
                     recipe.recover = {"method": method, **base, **value} | {"method": method}
             elif key == "finetune":
                 check(value is None or isinstance(value, dict), "recipe section 'finetune' must be a mapping or null")
@@ -268,8 +270,9 @@ def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), overwrite: bool =
         recovery: dict = {}
         if recipe.guard != "off":  # the pruned model, to compare with (and fall back to) after recovery
             t = time.perf_counter()
+            length = model_guard.guard_length(dense.model.config, config.seqlen, recipe.eval["seqlen"])
             windows = model_guard.guard_windows(dense.tokenizer, get_corpus(config.calib), config.nsamples,
-                                                config.seqlen, config.seed, calib)  # fmt: skip
+                                                config.seqlen, config.seed, calib, length)  # fmt: skip
             dense_loss = model_guard.lm_loss(dense.model, windows, device, config.batch_size)
             before = model_guard.snapshot([sparse])
             timings["guard_before_s"] = time.perf_counter() - t

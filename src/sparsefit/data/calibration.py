@@ -213,6 +213,19 @@ def _windows_from_documents(
     return _with_prefix(rows, prefix)
 
 
+def _mixed_windows(tokenizer, corpus: Corpus, nsamples: int, seqlen: int, seed: int, mode: str,
+                   prefix: list[int]) -> torch.Tensor:  # fmt: skip
+    """A mix's windows: equal shares of each part (the first parts take the remainder), drawn with the same seed,
+    then interleaved part by part, so every batch of a fit sees each part. Drawn by size from the joined text
+    instead, ``wiki+books`` would be 78 % wiki."""
+    count = len(corpus.parts)
+    shares = [nsamples // count + (i < nsamples % count) for i in range(count)]
+    drawn = [calibration_windows(tokenizer, part, share, seqlen, seed, mode, prefix)
+             for part, share in zip(corpus.parts, shares, strict=True) if share]  # fmt: skip
+    order = sorted(((i, k) for k, windows in enumerate(drawn) for i in range(windows.shape[0])))
+    return torch.stack([drawn[k][i] for i, k in order])
+
+
 def calibration_windows(
     tokenizer,
     corpus: Corpus | str,
@@ -228,7 +241,7 @@ def calibration_windows(
     tokens, then a random window inside it. ``mode="stream"`` joins the documents with ``"\\n\\n"`` and draws
     random windows from that one stream (windows may span documents). ``"auto"`` uses "document" when at least
     1 % of the documents, and at least ``nsamples`` of them, are longer than ``seqlen``, else "stream".
-    The same seed gives the same windows.
+    The same seed gives the same windows. A mix of corpora (``wiki+books``) draws equal shares from each part.
 
     Every window starts with ``prefix`` (default :func:`window_prefix`: a BOS for tokenizers that add one, so the
     model sees each window as the start of a document, as in training; nothing for SmolLM2): the reference
@@ -241,6 +254,8 @@ def calibration_windows(
         raise UsageError(f"calibration mode {mode!r} is not accepted; use one of {', '.join(MODES)}")
     prefix = check_prefix(window_prefix(tokenizer) if prefix is None else prefix, seqlen)
     corpus = _as_corpus(corpus)
+    if corpus.parts:
+        return _mixed_windows(tokenizer, corpus, nsamples, seqlen, seed, mode, prefix)
     docs = corpus.calib_texts()
     if mode == "auto":
         mode = _auto_mode(tokenizer, docs, nsamples, seqlen)

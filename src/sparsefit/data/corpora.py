@@ -19,6 +19,9 @@ Accepted names (``get_corpus``):
   :mod:`sparsefit.data.task`): each example is one document, prompt then completion, split as the task splits it
   (its train part calibrates, its test part is the test text), so a model can be pruned on the text it will be
   fine-tuned on.
+* a mix of corpora joined with ``+`` (``wiki+books``): calibration windows are drawn from each part in equal
+  shares, interleaved (:func:`sparsefit.data.calibration.calibration_windows`); its test text is the parts' test
+  texts joined. A run that evaluates on several corpora calibrates on text like each of them.
 * ``wikitext2``, ``c4``, ``ptb`` — the usual research corpora through the ``datasets`` package, when it is
   installed and the hub or its cache is reachable. Their official splits are used, and their test text is built
   exactly as the reference code builds it (SparseGPT ``datautils.py``, Wanda and EBFT ``lib/data.py``), so
@@ -58,6 +61,7 @@ HF_CORPORA = ("wikitext2", "c4", "ptb")
 C4_TEST_DOCS = 1100  # validation documents in the C4 test text (reference: valdata[:1100])
 C4_EVAL_WINDOWS = 256  # windows of the evaluation seqlen kept from the C4 test stream (reference: 256 * seqlen)
 LOCAL_SUFFIXES = (".txt", ".jsonl")
+MIX = "+"  # joins the names of a corpus mix: wiki+books
 
 CORPORA: dict[str, str] = {
     "wiki": "Wikipedia vital-article leads, offline (10,033 articles, ~1.1 M tokens)",
@@ -67,8 +71,8 @@ CORPORA: dict[str, str] = {
     "ptb": "Penn Treebank (needs the `datasets` package and network or cache)",
 }
 
-ACCEPTED = (f"{', '.join(CORPORA)}, a task ({', '.join(TASK_DATA)}), a .txt or .jsonl file (text, or task "
-            "examples), or a folder of them")
+ACCEPTED = (f"{', '.join(CORPORA)}, a mix such as wiki+books, a task ({', '.join(TASK_DATA)}), a .txt or .jsonl "
+            "file (text, or task examples), or a folder of them")
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,7 @@ class Corpus:
     # it is a token-level rule for the evaluation (``perplexity(..., max_windows=corpus.max_windows)``), not
     # part of the text.
     max_windows: int | None = None
+    parts: tuple[Corpus, ...] = ()  # a mix (``wiki+books``): calibration draws from each part in equal shares
 
     def calib_texts(self) -> list[str]:
         """The calibration documents (non-empty strings)."""
@@ -290,6 +295,16 @@ def _hf_cached(name: str) -> Corpus:
     return _hf(name)
 
 
+def _mix(name: str) -> Corpus:
+    names = name.split(MIX)
+    if any(not part for part in names) or len(set(names)) != len(names):
+        raise UsageError(f"corpus mix {name!r} must name distinct corpora joined by '+', such as wiki+books")
+    parts = tuple(get_corpus(part) for part in names)
+    calib = tuple(doc for part in parts for doc in part.calib_texts())
+    test = tuple(part.test_text() for part in parts)
+    return Corpus(name, calib, test, parts=parts)
+
+
 # --- entry point -----------------------------------------------------------------------------------------
 
 
@@ -300,6 +315,8 @@ def get_corpus(name: str) -> Corpus:
     """
     if not isinstance(name, str) or not name:
         raise UsageError(f"corpus {name!r} is not a name or path; accepted: {ACCEPTED}")
+    if MIX in name and not Path(name).expanduser().exists():
+        return _mix(name)
     if name == "wiki":
         return _wiki(_wiki_path())
     if name == "books":
