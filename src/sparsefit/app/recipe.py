@@ -7,7 +7,7 @@ A recipe is YAML with the sections below; every key is optional and unknown keys
     model: smollm2-135m
     prune:   {method: wanda, sparsity: 0.5, pattern: unstructured, calib: wiki+books, nsamples: 16, seqlen: 512,
               seed: 0, owl_lambda: null, owl_m: 5}   # owl_lambda 0.08: OWL's per-block sparsities (null/0: uniform)
-    recover: {method: ebft, preset: quick, batch_size: 1, epochs: 2}  # any method of `sparsefit recover`; the other
+    recover: {method: ebft, preset: quick, batch_size: 1, epochs: 3}  # any method of `sparsefit recover`; the other
                                            # keys are its options (a named preset brings its own batch and epochs);
                                            # `recover: null` skips it
     polish:  {method: squarehead, preset: cpu}  # optional: a short whole-model pass after `recover` (masks fixed),

@@ -110,7 +110,7 @@ PRESETS: dict[str, EBFTConfig] = {
     # 192 at 16 x 256. A linear warm-up over the first 10 % of the steps: without it every Gemma block's training loss
     # rose in the first epoch, and the guard's held-out loss got worse (3.24 -> 3.31) where with it it improves
     # (3.22 -> 3.19). The mixed target beat both pure ones on SmolLM2 (wiki 65 % against 59 % sparse-path and 63 %
-    # dense-path at 70 %): a deliberate difference from EBFT's sparse-path target. quick is what `make run` uses.
+    # dense-path at 70 %): a deliberate difference from EBFT's sparse-path target. `make run`: quick, batch 1, 3 epochs.
     # Each takes its full rate from the fewest steps per block at which that rate was measured to hold, and less
     # below (rate_for_steps): quick from 124 (64 x 128; at 16 x 256, 28 steps, it did not, and runs at 0.48 of it),
     # cpu from 56 (16 x 256, where it held on both models at 50 %, 70 % and 2:4).
