@@ -49,8 +49,8 @@ def test_dense_perplexity_needs_the_bos(gemma):
 def test_wanda_50_with_interleaved_ebft_at_the_cpu_preset(gemma):
     """Wanda 50 % and EBFT's `cpu` preset (what `auto` picks on a CPU, its rate relative to each weight's RMS) in the
     interleaved walk: every block ends no worse on its held-out windows and wiki perplexity falls against the same
-    walk's pruned-only blocks. Issue 21's collapse (wiki 81 -> 192 at an absolute rate) and issue 33's longer
-    contexts are bench/robust.py's rows, at 16 x 256 and on 16,384 test tokens."""
+    walk's pruned-only blocks. Issue 21's collapse (wiki 81 -> 192 at an absolute rate) is bench/robust.py's row at
+    16 x 256; issue 33's longer contexts are bench/generalize.py's rows."""
     model = copy.deepcopy(gemma.model)
     calib = calibration_windows(gemma.tokenizer, get_corpus("wiki"), 8, 128, 0)
     ebft = get_method("ebft")

@@ -20,11 +20,11 @@ QUICK = replace(PRUNE, nsamples=64, seqlen=128)
 # the two corpora it evaluates on. Calibrated on `wiki` 64 x 128, recovery closed 41 % of the log-perplexity gap on
 # wiki and 12 % on books at 1,024 tokens; on the mix, 38 % / 34 %; on the mix in windows of 512, 40 % / 40 % (issue 33).
 RUN = replace(PRUNE, calib="wiki+books", nsamples=16, seqlen=512)
+RECOVER_METHOD = "ebft"
 # ... recovered with EBFT's `quick` preset, one window a step for 3 epochs (42 steps per block): 39 % / 39 % in a
 # 5-minute job on 2 cores; 2 epochs give 35 % / 35 % in 4.4 minutes, 4 epochs 40 % / 40 % in about 7 (docs/ebft.md).
-RUN_RECOVER = {"method": "ebft", "preset": "quick", "batch_size": 1, "epochs": 3}
+RUN_RECOVER = {"method": RECOVER_METHOD, "preset": "quick", "batch_size": 1, "epochs": 3}
 
-RECOVER_METHOD = "ebft"
 PRESET = AUTO  # cpu on a CPU; on a GPU the method's gpu preset, else paper
 
 EVAL_CORPORA = ("wiki", "books")

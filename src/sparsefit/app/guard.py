@@ -71,8 +71,9 @@ def guard_windows(tokenizer, corpus, nsamples: int, seqlen: int, seed: int, cali
     count, they are drawn as the longer ones are; from a corpus too small for that, by another seed alone).
     """
     length = seqlen if length is None else max(length, seqlen)
+    seen = _runs(calib, defaults.GUARD_OVERLAP)  # once, for every length tried
     while length > seqlen:
-        windows = _clean_windows(tokenizer, corpus, seed, calib, length, tokens)
+        windows = _clean_windows(tokenizer, corpus, seed, seen, length, tokens)
         if windows is not None:
             return windows
         length = max(seqlen, length // 2)
@@ -80,17 +81,16 @@ def guard_windows(tokenizer, corpus, nsamples: int, seqlen: int, seed: int, cali
     both = calibration_windows(tokenizer, corpus, nsamples + count, seqlen, seed)
     if torch.equal(both[:nsamples], calib):
         return both[nsamples:]
-    windows = _clean_windows(tokenizer, corpus, seed, calib, seqlen, tokens)
+    windows = _clean_windows(tokenizer, corpus, seed, seen, seqlen, tokens)
     if windows is None:  # a corpus that is hardly more than its calibration windows: held out by seed only
         windows = calibration_windows(tokenizer, corpus, count, seqlen, seed + 1_000_003)
     return windows
 
 
-def _clean_windows(tokenizer, corpus, seed: int, calib: torch.Tensor, length: int, tokens: int):
+def _clean_windows(tokenizer, corpus, seed: int, seen: set[int], length: int, tokens: int):
     """``tokens / length`` windows of ``length`` drawn with another seed that share no run of ``GUARD_OVERLAP``
-    tokens with ``calib``; None when the corpus has too little text for them."""
+    tokens with the calibration windows (``seen``: their :func:`_runs`); None when the corpus has too little text."""
     count = max(defaults.GUARD_MIN_WINDOWS, math.ceil(tokens / length))
-    seen = _runs(calib, defaults.GUARD_OVERLAP)
     for attempt in range(4):  # draws of 2x, 4x, 8x, 16x the windows needed, until enough are clean
         try:
             drawn = calibration_windows(tokenizer, corpus, count << (attempt + 1), length, seed + 1_000_003 + attempt)
