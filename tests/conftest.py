@@ -125,3 +125,12 @@ def pytest_runtest_makereport(item, call):
     if report.when == "teardown" and spent > TEST_LIMIT_S and report.passed:
         report.outcome = "failed"
         report.longrepr = f"{item.nodeid} took {spent:.1f} s, over the {TEST_LIMIT_S:g} s limit for one test"
+
+
+# --- the order of the files ------------------------------------------------------------------------------------
+def pytest_collection_modifyitems(session, config, items):
+    """The files holding a real-model (``slow``) test first, in their order, then the rest: `--dist loadfile` deals
+    files to the workers in this order, so the long files start at once and the short ones fill in beside them
+    (last, a real-model file kept one worker busy for 1.5 minutes while the other was idle)."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within each group is kept

@@ -252,14 +252,15 @@ def test_finetune_refuses_a_bad_jsonl_and_a_teacher_of_another_vocabulary(worksp
 
 @pytest.mark.slow
 def test_full_fine_tuning_of_smollm2_lowers_the_task_loss_on_unseen_questions():
-    """The real model on the real task: 8 steps of 8 training questions lower the completion loss on 32 test
-    questions. Exact match after 100 steps (0.135 -> 0.445 at 3e-5, ~4 CPU-minutes) is bench/finetune.py's."""
+    """The real model on the real task: 4 steps of 8 training questions lower the completion loss on 32 test
+    questions (measured 4.26 -> 1.57 on 16). Exact match after 100 steps (0.135 -> 0.445 at 3e-5, ~4 CPU-minutes)
+    is bench/finetune.py's."""
     from sparsefit.models import load
     from sparsefit.prune import parse_pattern
     from sparsefit.recover import RecoveryContext, get_method
 
     loaded = load("smollm2-135m")
-    train = encode_examples(loaded.tokenizer, load_examples("arithmetic", "train", 64), 256)
+    train = encode_examples(loaded.tokenizer, load_examples("arithmetic", "train", 32), 256)
     test = encode_examples(loaded.tokenizer, load_examples("arithmetic", "test", 32), 256)
 
     def test_loss() -> float:
@@ -274,8 +275,8 @@ def test_full_fine_tuning_of_smollm2_lowers_the_task_loss_on_unseen_questions():
     fit = method.run(ctx, config)["fit"]
     after = test_loss()
     print(f"arithmetic test loss {before:.4f} -> {after:.4f}")
-    assert fit["steps"] == 8 and fit["final_loss"] < fit["initial_loss"]
-    assert after < 0.8 * before, (before, after)
+    assert fit["steps"] == 4 and fit["final_loss"] < fit["initial_loss"]
+    assert after < 0.6 * before, (before, after)
 
 
 def test_gsm8k_is_lm_evals_8_shot_gsm8k_cot():

@@ -14,11 +14,8 @@ VOCAB = 260
 
 
 @pytest.fixture(autouse=True)
-def one_thread(request):
+def one_thread():
     """Tiny models gain nothing from threads, and on a busy 2-core machine two threads made these tests 20× slower."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -119,18 +116,3 @@ def test_leaves_the_model_as_it_was(tiny_llama, stream):
     perplexity(tiny_llama, stream, seqlen=256, device="cpu")
     assert tiny_llama.training
     assert next(tiny_llama.parameters()).device.type == "cpu"
-
-
-@pytest.mark.slow
-def test_smollm2_on_wiki():
-    from sparsefit.data import test_stream
-    from sparsefit.models import load
-
-    loaded = load("smollm2-135m")
-    stream = test_stream(loaded.tokenizer, "wiki")
-    assert 200_000 < stream.shape[1] < 240_000  # measured: 218,970 tokens in the wiki test split
-    result = perplexity(loaded.model, stream, seqlen=512, max_tokens=8192, batch_size=4)
-    assert (result.windows, result.tokens) == (16, 8192)
-    # Measured 16.40 (the 1024-token windows over the same 8192 tokens give 15.40; DESIGN's 13.9 is another
-    # selection of Wikipedia leads). A band of ±15 % catches a broken protocol, not float noise.
-    assert 16.40 * 0.85 < result.value < 16.40 * 1.15
