@@ -250,13 +250,16 @@ def test_eval_with_tasks_and_no_ppl_scores_only_the_tasks(workspace, monkeypatch
     assert err == "error: --seqlen 0 must be a positive number of tokens" and len(asked) == 3
 
 
-def test_a_hub_id_with_no_hub_in_reach_is_one_line_at_once(monkeypatch, capsys):
+def test_a_hub_id_with_no_hub_in_reach_is_one_line_at_once(monkeypatch, capsys, tmp_path):
     import sparsefit.models.loading as loading
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a few words to evaluate on\n" * 20)
 
     monkeypatch.setattr(loading, "hub_reachable", lambda timeout=loading.HUB_PROBE_S: False)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     began = time.perf_counter()
-    err = one_line_error(monkeypatch, capsys, "eval", "sparsefit-tests/no-such-model", "--ppl", "")
+    err = one_line_error(monkeypatch, capsys, "eval", "sparsefit-tests/no-such-model", "--ppl", corpus)
     assert time.perf_counter() - began < 30  # no retries with back-off (about a minute)
     assert "cannot be reached and no copy is cached" in err and "sparsefit-tests/no-such-model" in err
 

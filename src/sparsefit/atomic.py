@@ -49,6 +49,11 @@ def file_mode(base: int) -> int:
     return base & ~umask
 
 
+def home() -> Path:
+    """The cache root: ``$SPARSEFIT_HOME`` or ``~/.cache/sparsefit`` (built-in models, corpora, kernels)."""
+    return Path(os.environ.get("SPARSEFIT_HOME") or Path.home() / ".cache" / "sparsefit")
+
+
 def check_output(
     out: str | os.PathLike, overwrite: bool, inputs: Iterable[tuple[str, object]] = ()
 ) -> Path:
@@ -56,10 +61,20 @@ def check_output(
     would delete it), a file, a non-empty folder unless ``overwrite``, or a place that cannot be written.
 
     ``inputs``: ``(role, value)`` pairs such as ``("model", "models/tiny")``; values that name nothing on this
-    machine (a built-in model, a hub id, a corpus name) cannot be replaced and are skipped.
+    machine (a built-in model, a hub id, a corpus name) cannot be replaced and are skipped. A user's output never
+    lies in sparsefit's cache (a built-in model's converted copy, a corpus's tokens live there).
     """
     path = Path(out).expanduser()
-    check_inputs_kept(path, inputs)
+    check_inputs_kept(path, [("cache of built-in models and corpora", home()), *inputs])
+    cache = home().expanduser().resolve()
+    if cache in path.resolve().parents:
+        raise UsageError(f"output folder {str(out)!r} lies inside sparsefit's cache {str(cache)!r}, which holds the "
+                         f"built-in models and corpora; give a folder outside it")
+    return _check_folder(path, overwrite)
+
+
+def _check_folder(path: Path, overwrite: bool) -> Path:
+    """A folder that can be written: not a file, empty unless ``overwrite``, on a writable file system."""
     if path.exists() and not path.is_dir():
         raise UsageError(f"output {str(path)!r} is a file; give a folder path")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
@@ -180,7 +195,7 @@ def write_atomically(
     A crash or error leaves the target untouched (no half-written checkpoint that looks complete).
     An existing non-empty target is refused unless ``overwrite``.
     """
-    path = check_output(dir_path, overwrite)
+    path = _check_folder(Path(dir_path).expanduser(), overwrite)  # the cache's own folders are written here too
     with file_faults(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         # Same parent folder, so os.replace is a rename on one file system.

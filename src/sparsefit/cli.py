@@ -11,7 +11,7 @@ import typer
 
 from sparsefit.app import defaults
 from sparsefit.cli_progress import bar
-from sparsefit.errors import FileError, UsageError
+from sparsefit.errors import FileError, UsageError, first_line
 from sparsefit.walk.device import peak_gpu_mib
 
 app = typer.Typer(
@@ -112,8 +112,9 @@ def method_options(preset, lr, epochs, batch, weight_decay, freeze_norms, target
 def prune(
     model: str = typer.Option("smollm2-135m", help="built-in name, local folder, .gguf file or hub id"),
     method: str = typer.Option(defaults.PRUNE.method, help="magnitude, wanda or sparsegpt (structured: wanda or flap)"),
-    sparsity: float = typer.Option(defaults.PRUNE.sparsity, help="fraction of weights to remove, in [0, 1) "
-                                                                 "(structured: of the decoder blocks' linear weights)"),
+    sparsity: float = typer.Option(None, help=f"fraction of weights to remove, in (0, 1), default "
+                                              f"{defaults.PRUNE.sparsity:g} (N:M: the pattern's own; structured: of "
+                                              f"the decoder blocks' linear weights)"),
     pattern: str = typer.Option(defaults.PRUNE.pattern, help="unstructured, N:M (e.g. 2:4) or structured (heads and "
                                                              "FFN channels removed: a smaller dense model)"),
     gqa: str = GQA,
@@ -266,7 +267,7 @@ def _recovery_line(report: dict) -> str:
 def compare(
     model: str = typer.Option("smollm2-135m"),
     prune: str = typer.Option(defaults.QUICK.method, help="pruning method for the shared masks"),
-    sparsity: float = typer.Option(defaults.QUICK.sparsity),
+    sparsity: float = typer.Option(None, help=f"default {defaults.QUICK.sparsity:g} (N:M: the pattern's own)"),
     pattern: str = typer.Option(defaults.QUICK.pattern, help="unstructured, N:M or structured"),
     gqa: str = GQA,
     keep_heads: int = KEEP_HEADS,
@@ -376,6 +377,9 @@ def eval_(
         raise UsageError(f"--limit {limit} must be a positive number of documents")
     if ppl is None:  # asked for tasks only: score them, not also the whole test splits of the default corpora
         ppl = "" if parse_list(tasks) else ",".join(defaults.EVAL_CORPORA)
+    if not parse_list(ppl) and not parse_list(tasks):
+        raise UsageError(f"--ppl {ppl!r} and no --tasks leave nothing to evaluate; name corpora (e.g. --ppl "
+                         f"{','.join(defaults.EVAL_CORPORA)}) or tasks (e.g. --tasks arc_easy)")
     check_evaluation(seqlen, max_tokens)  # every setting before the model loads
     for name in parse_list(ppl):
         get_corpus(name)
@@ -588,6 +592,10 @@ def main() -> None:
         leave(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
+    except OSError as exc:  # a file the command was pointed at cannot be read: permissions, a folder, /proc
+        named = isinstance(exc, (PermissionError, IsADirectoryError, NotADirectoryError, FileNotFoundError))
+        where = f"{exc.filename}: " if exc.filename else ""
+        error(f"{who}cannot read {where}{exc.strerror or first_line(exc)}", 2 if named else 1)
     except Exception as exc:  # the parser's own usage errors
         if isinstance(exc, _parser_errors("NoArgsIsHelpError")):  # `sparsefit` alone: the help, then exit 2
             if exc.format_message().strip():  # typer's rich help has already printed itself

@@ -23,7 +23,7 @@ from sparsefit.data.task import encode_examples, load_examples
 from sparsefit.errors import UsageError, check
 from sparsefit.export.run_folder import read_pattern, read_run
 from sparsefit.models import load
-from sparsefit.models.loading import LoadedModel, resolve
+from sparsefit.models.loading import LoadedModel, check_seqlen, check_teacher_config
 from sparsefit.progress import Bar, silent
 from sparsefit.prune import parse_pattern, sparsity_summary
 from sparsefit.recover import RecoveryContext
@@ -39,34 +39,6 @@ METHODS = ("full", "lora", "s2ft", "squarehead")
 ADAPTER_METHODS = {"lora": LORA_FILE, "s2ft": ADAPTER_FILE}
 ADAPTER_JSON = "adapter.json"
 ADAPTERS = {"lora": LoRAAdapter, "s2ft": S2Adapter}
-# What a teacher must share with the student for SquareHead's hidden-state loss (read from config.json).
-TEACHER_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
-
-
-def _config_json(spec: str) -> dict | None:
-    """The model's config.json when ``spec`` is a local folder (or a built-in's converted copy), else None."""
-    folder = resolve(spec)
-    path = folder / "config.json" if folder is not None else None
-    if path is None or not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def check_teacher_config(model: str, teacher: str) -> None:
-    """One line when the teacher's vocabulary, width or depth differs from the model's (before either loads)."""
-    mine, theirs = _config_json(model), _config_json(teacher)
-    if mine is None or theirs is None:
-        return  # a hub id: checked once loaded
-    text = mine.get("text_config", mine), theirs.get("text_config", theirs)
-    for key in TEACHER_KEYS:
-        if text[0].get(key) != text[1].get(key):
-            raise UsageError(f"teacher {teacher!r} has {key} {text[1].get(key)!r}, the model {model!r} "
-                             f"{text[0].get(key)!r}; give the dense model of the same architecture and vocabulary")
-
-
 def _source_of(model: str) -> tuple[str | None, str]:
     """(the dense model a run folder was pruned from, its sparsity pattern); (None, unstructured) otherwise."""
     path = Path(model).expanduser()
@@ -148,6 +120,7 @@ def run_finetune(
     with timed(timings, "load_s"):
         loaded = load(model)
         dense = load(teacher) if teacher is not None else None
+    check_seqlen(loaded.model.config, max_length, "--max-length")  # longer examples would index past the positions
     if dense is not None:
         check_teacher(loaded.model, dense.model, same_shapes=not parse_pattern(pattern).slim)
         vocab = [m.get_input_embeddings().weight.shape[0] for m in (loaded.model, dense.model)]

@@ -30,7 +30,7 @@ from sparsefit.evaluate.perplexity import eval_windows, perplexity
 from sparsefit.evaluate.zeroshot import evaluate_tasks
 from sparsefit.export.run_folder import read_run
 from sparsefit.models import load, parse_dtype
-from sparsefit.models.loading import check_seqlen, resolve, streamable
+from sparsefit.models.loading import check_seqlen, check_teacher_config, resolve, streamable
 from sparsefit.progress import Bar, silent
 from sparsefit.prune import PruneConfig, parse_pattern, prune_model, sparsity_summary
 from sparsefit.prune.structured import attach_structured
@@ -41,6 +41,7 @@ from sparsefit.walk.activations import Activations
 from sparsefit.walk.blocks import InMemoryBlocks
 from sparsefit.walk.checkpoint import FitCheckpoint, resumable
 from sparsefit.walk.device import peak_gpu_mib
+from sparsefit.walk.targets import check_teacher
 
 
 def versions() -> dict:
@@ -555,9 +556,10 @@ def run_recover(
     source_config = source_run.get("config", {})
     teacher = teacher or source_run.get("source_model")
     check(bool(teacher), f"{run_dir} records no source model in run.json; pass --teacher")
-    calib = calib or source_config.get("calib", defaults.PRUNE.calib)
-    nsamples = nsamples or source_config.get("nsamples", defaults.PRUNE.nsamples)
-    seqlen = seqlen or source_config.get("seqlen", defaults.PRUNE.seqlen)
+    # None: as the masks were made (a 0 given is refused below, never replaced)
+    calib = source_config.get("calib", defaults.PRUNE.calib) if calib is None else calib
+    nsamples = source_config.get("nsamples", defaults.PRUNE.nsamples) if nsamples is None else nsamples
+    seqlen = source_config.get("seqlen", defaults.PRUNE.seqlen) if seqlen is None else seqlen
     seed = source_config.get("seed", defaults.PRUNE.seed) if seed is None else seed
     check(nsamples > 0, f"nsamples {nsamples} must be a positive number of windows")
     distributed.check_windows(nsamples)
@@ -567,6 +569,7 @@ def run_recover(
     device_ = resolve_device(device)
     pattern = source_sparsity.get("pattern", "unstructured")
     method, config = choose_method(method_name, options or {}, nsamples, device_, pattern=pattern, seed=seed)
+    check_teacher_config(str(run_dir), teacher)  # every method, before either model loads
     corpora = check_outputs(eval_ppl, out, overwrite, [("run folder", run_dir), ("teacher", teacher),
                                                        ("calibration text", calib)])  # fmt: skip
     check_evaluation(eval_seqlen, eval_max_tokens, "--eval-")
@@ -604,6 +607,7 @@ def run_recover(
     with timed(timings, "load_s"):
         sparse = load(str(run_dir))
         dense = load(teacher)
+    check_teacher(sparse.model, dense.model, same_shapes=not parse_pattern(pattern).slim)  # a hub teacher, too
     if parse_pattern(pattern).slim:  # the share removed, measured against the dense teacher
         attach_structured(sparse.model, dense.model)
     check_seqlen(sparse.model.config, seqlen)

@@ -57,7 +57,7 @@ from sparsefit.recover import RecoveryContext
 from sparsefit.recover.training import convert_value, convert_values, field_types
 from sparsefit.walk import resolve_device
 
-DEFAULT_PRUNE = {"method": defaults.RUN.method, "sparsity": defaults.RUN.sparsity,
+DEFAULT_PRUNE = {"method": defaults.RUN.method, "sparsity": None,  # None: PruneConfig's (an N:M pattern's own)
                  "pattern": defaults.RUN.pattern, **defaults.calibration(defaults.RUN),
                  "owl_lambda": defaults.RUN.owl_lambda, "owl_m": defaults.RUN.owl_m,
                  "gqa": defaults.RUN.gqa, "keep_heads": defaults.RUN.keep_heads}  # fmt: skip
@@ -110,7 +110,9 @@ class Recipe:
         if not Path(path).is_file():
             raise UsageError(f"recipe {str(path)!r} does not exist")
         try:
-            data = load_yaml(Path(path).read_text()) or {}
+            data = load_yaml(Path(path).read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise UsageError(f"recipe {str(path)!r} is not UTF-8 text; give a YAML file") from None
         except yaml.YAMLError as exc:
             raise UsageError(f"recipe {str(path)!r} is not valid YAML ({str(exc).splitlines()[0]})") from None
         check(isinstance(data, dict), f"recipe {str(path)!r} must be a mapping of sections")

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from sparsefit.atomic import check_output, write_atomically
-from sparsefit.errors import UsageError, first_line
+from sparsefit.errors import UsageError, check, first_line
 from sparsefit.export.hf import model_card
 from sparsefit.export.masks import BITORDER, packed_shape, unpack_bits
 from sparsefit.export.run_folder import load_run_model, read_run
@@ -196,6 +196,9 @@ def _dense_view(model: nn.Module) -> list[torch.Tensor]:
 def export_compressed(run_dir: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Export a sparsefit run folder as a compressed checkpoint (bitmask + values); returns ``out``."""
     run_json, sparsity_json = read_run(run_dir)
+    zeros = sparsity_json.get("pattern") != "structured" and sparsity_json.get("overall", 0) > 0
+    check(zeros, f"run folder {str(run_dir)!r} has no zeros to compress (sparsity {sparsity_json.get('overall', 0)}, "
+                 f"pattern {sparsity_json.get('pattern', 'unstructured')}); export it with --format hf")
     check_output(out, overwrite, [("run folder", run_dir)])  # fail before the slow load
     model, tokenizer = load_run_model(run_dir)
     card = model_card(run_json, sparsity_json, export_format="compressed")

@@ -12,7 +12,8 @@ from torch import nn
 
 from sparsefit import assets
 from sparsefit.atomic import cache_lock, write_atomically
-from sparsefit.errors import FileError, UsageError, first_line
+from sparsefit.errors import FileError, UsageError, check, first_line
+from sparsefit.models.adapters import ADAPTERS
 
 BUILTIN_MODELS: dict[str, tuple[str, str]] = {
     # name -> (asset, GGUF path inside it)
@@ -67,10 +68,21 @@ def _from_folder(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tup
 
 
 def meta_model(folder: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
-    """The model ``folder/config.json`` describes, every parameter on the meta device (no memory, no weights)."""
+    """The model ``folder/config.json`` describes, every parameter on the meta device (no memory, no weights).
+
+    An architecture sparsefit has no adapter for, or one transformers does not know, is bad input (exit 2); a
+    config.json that is not JSON, a damaged file (exit 1); a folder without one, bad input."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    config_file = Path(folder) / "config.json"
+    if config_file.is_file() and not trust_remote_code:
+        try:
+            model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+        except (ValueError, AttributeError) as exc:
+            raise FileError(f"could not read the model config {str(config_file)!r}: {first_line(exc)}") from None
+        check(model_type in ADAPTERS, f"architecture {model_type!r} of {str(folder)!r} is not supported; "
+                                      f"supported: {', '.join(sorted(ADAPTERS))}")  # fmt: skip
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         with init_empty_weights(include_buffers=False):
@@ -298,3 +310,34 @@ def load(
     model.eval()
     model.config.use_cache = False
     return LoadedModel(model=model, tokenizer=tokenizer, source=name_or_path)
+
+
+# What a teacher must share with the student for SquareHead's hidden-state loss (read from config.json).
+TEACHER_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
+
+
+def _config_json(spec: str) -> dict | None:
+    """The model's config.json when ``spec`` is a local folder (or a built-in's converted copy), else None."""
+    try:
+        folder = resolve(spec)
+    except UsageError:  # a name that is no model: said where it loads, after the job's other checks
+        return None
+    path = folder / "config.json" if folder is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_teacher_config(model: str, teacher: str) -> None:
+    """One line when the teacher's vocabulary, width or depth differs from the model's (before either loads)."""
+    mine, theirs = _config_json(model), _config_json(teacher)
+    if mine is None or theirs is None:
+        return  # a hub id: checked once loaded
+    text = mine.get("text_config", mine), theirs.get("text_config", theirs)
+    for key in TEACHER_KEYS:
+        if text[0].get(key) != text[1].get(key):
+            raise UsageError(f"teacher {teacher!r} has {key} {text[1].get(key)!r}, the model {model!r} "
+                             f"{text[0].get(key)!r}; give the dense model of the same architecture and vocabulary")

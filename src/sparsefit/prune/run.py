@@ -35,13 +35,16 @@ from sparsefit.walk.driver import run_blocks
 from sparsefit.walk.masks import model_layers
 from sparsefit.walk.walker import Step
 
+DEFAULT_SPARSITY = 0.5
+
 
 @dataclass
 class PruneConfig:
     """What to prune and on which calibration windows; the defaults are the CLI's (``sparsefit prune --help``)."""
 
     method: str = "wanda"
-    sparsity: float = 0.5
+    # None: an N:M pattern's own share (2:4 removes 0.5, 1:4 0.75), else DEFAULT_SPARSITY; set in __post_init__.
+    sparsity: float | None = None
     pattern: str = "unstructured"
     calib: str = "wiki"
     nsamples: int = 128
@@ -58,6 +61,10 @@ class PruneConfig:
     # heads from every KV group; "groups": whole KV groups), and an explicit number of query heads to keep.
     gqa: str = "queries"
     keep_heads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.sparsity is None:
+            self.sparsity = parse_pattern(self.pattern).sparsity or DEFAULT_SPARSITY
 
     @property
     def slim(self) -> bool:
@@ -79,11 +86,13 @@ class PruneConfig:
             check(self.gqa == "queries" and self.keep_heads is None,
                   "--gqa and --keep-heads go with --pattern structured")  # fmt: skip
         check(self.gqa in GQA, f"gqa {self.gqa!r} is not one of {', '.join(GQA)}")
-        check(
-            0.0 <= self.sparsity < 1.0,
-            f"sparsity {self.sparsity} is outside [0, 1); give a fraction such as 0.5",
-        )
-        parse_pattern(self.pattern)
+        pattern = parse_pattern(self.pattern)
+        if pattern.structured:  # N:M: the pattern decides how many weights go; a sparsity that disagrees is refused
+            check(math.isclose(self.sparsity, pattern.sparsity), f"sparsity {self.sparsity} does not go with "
+                  f"pattern {self.pattern}, which removes {pattern.sparsity:g} of the weights; leave the sparsity out")
+        else:
+            check(0.0 < self.sparsity < 1.0, f"sparsity {self.sparsity} is outside (0, 1); give a fraction such as "
+                                             f"0.5 (0 removes nothing)")  # fmt: skip
         check(self.nsamples > 0, f"nsamples {self.nsamples} must be a positive number of windows")
         check_windows(self.nsamples)  # under torchrun: every rank needs a window
         check(self.seqlen > 0, f"seqlen {self.seqlen} must be a positive number of tokens")

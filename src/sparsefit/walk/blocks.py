@@ -26,6 +26,7 @@ from torch import nn
 from sparsefit.atomic import save_tensors_atomically
 from sparsefit.errors import FileError, UsageError
 from sparsefit.models.adapters import Adapter, get_adapter
+from sparsefit.models.loading import meta_model
 from sparsefit.walk.shards import (
     INDEX_FILE,
     ShardedCheckpoint,
@@ -303,18 +304,7 @@ class StreamedBlocks(InMemoryBlocks):
 
 def skeleton(folder: str | os.PathLike, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """The model of ``folder`` with every parameter on the meta device (buffers such as rotary tables real)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:
-        text = str(exc).strip().splitlines()
-        # A config.json that is there but cannot be read is a damaged file (exit 1); a folder without one, bad input.
-        kind = FileError if (Path(folder) / "config.json").is_file() else UsageError
-        raise kind(f"could not read the model config in {str(folder)!r}: {text[0] if text else exc}") from None
+    model = meta_model(Path(folder), dtype, trust_remote_code)
     model.eval()
     model.config.use_cache = False
     return model

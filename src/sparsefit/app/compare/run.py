@@ -127,7 +127,7 @@ def run_compare(
     out: str | os.PathLike,
     *,
     prune: str = "wanda",
-    sparsity: float = 0.5,
+    sparsity: float | None = None,
     pattern: str = "unstructured",
     gqa: str = "queries",
     keep_heads: int | None = None,
@@ -222,7 +222,7 @@ def run_compare(
     dense_ppl = evaluate(teacher)
 
     # --- prune once ------------------------------------------------------------------------------------------
-    say(f"pruning: {prune} {pattern if parsed.structured else sparsity}")
+    say(f"pruning: {prune} {pattern if parsed.structured else prune_config.sparsity}")
     pruned = copy.deepcopy(teacher)
     started = time.perf_counter()
     with PeakMemory(device_) as memory:
@@ -335,7 +335,7 @@ def run_compare(
         "command": "compare",
         "model": model,
         "settings": {
-            "prune": prune, "sparsity": sparsity if not parsed.structured else parsed.sparsity, "pattern": str(parsed),
+            "prune": prune, "sparsity": prune_config.sparsity, "pattern": str(parsed),
             "structured": summary.get("structured"),
             "owl_lambda": owl_lambda, "owl_m": owl_m if prune_config.owl else None, "owl": owl_report,
             "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "budget_tokens": budget_tokens,
