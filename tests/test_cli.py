@@ -49,7 +49,7 @@ def prune_args(ws, out, *extra):
             "--device", "cpu", "--out", out, *extra]  # fmt: skip
 
 
-EBFT_ARGS = ["--recover", "ebft", "--ebft-preset", "quick", "--lr", "1e-3", "--epochs", 2]
+EBFT_ARGS = ["--recover", "ebft", "--preset", "quick", "--lr", "1e-3", "--epochs", 2]
 
 
 def test_prune_writes_a_run_folder(workspace, monkeypatch, tmp_path):
@@ -78,7 +78,7 @@ def test_prune_writes_a_run_folder(workspace, monkeypatch, tmp_path):
         (["--calib", "no-such-corpus"], "no-such-corpus"),
         (["--recover", "ebft", "--lr", "0"], "lr"),
         (["--recover", "ebft", "--epochs", "0"], "epochs"),
-        (["--recover", "ebft", "--ebft-batch", "64"], "larger than"),
+        (["--recover", "ebft", "--train-batch", "64"], "larger than"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(workspace, monkeypatch, tmp_path, capsys, args, message):
@@ -148,7 +148,7 @@ def test_two_step_recover_from_a_run_folder(workspace, monkeypatch, tmp_path, ta
     pruned = tmp_path / "pruned"
     assert cli(monkeypatch, *prune_args(workspace, pruned, "--sparsity", "0.6")) == 0
     out = tmp_path / "recovered"
-    code = cli(monkeypatch, "recover", pruned, "--ebft-preset", "quick", "--lr", "1e-3", "--epochs", 2,
+    code = cli(monkeypatch, "recover", pruned, "--preset", "quick", "--lr", "1e-3", "--epochs", 2,
                "--target", target, "--device", "cpu", "--out", out)  # fmt: skip
     assert code == 0
     before, after = load_file(pruned / "model.safetensors"), load_file(out / "model.safetensors")

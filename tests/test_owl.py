@@ -284,7 +284,7 @@ def test_cli_bad_owl_is_one_line_and_exit_2(workspace, monkeypatch, tmp_path, ca
 
 def test_cli_owl_with_interleaved_ebft(workspace, monkeypatch, tmp_path):
     out = tmp_path / "owl"
-    args = ["--sparsity", "0.6", "--owl-lambda", "0.08", "--owl-m", "5", "--recover", "ebft", "--ebft-preset", "quick",
+    args = ["--sparsity", "0.6", "--owl-lambda", "0.08", "--owl-m", "5", "--recover", "ebft", "--preset", "quick",
             "--lr", "1e-3", "--epochs", 1]  # fmt: skip
     assert cli(monkeypatch, *prune_args(workspace, out, *args)) == 0
     run = json.loads((out / "run.json").read_text())

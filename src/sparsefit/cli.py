@@ -37,12 +37,12 @@ def _echo_table(title: str, header: list[str], rows: list[list[str]]) -> None:
 
 # Recovery options, shared by `prune --recover` and `recover`. None keeps the preset's value; a method that has no
 # such option refuses it in one line. `-o KEY=VALUE` sets any other option of the method.
-PRESET = typer.Option(defaults.PRESET, "--preset", "--ebft-preset",
+PRESET = typer.Option(defaults.PRESET, "--preset",
                       help="a preset of the method (sparsefit methods); auto: cpu on a CPU, gpu (else paper) on a GPU")
 LR = typer.Option(None, "--lr", help="learning rate (EBFT paper 2e-4; EBFT's cpu and quick presets take it relative "
                                      "to each weight's RMS, -o lr_scale=tensor-rms: 1.6e-2)")
 EPOCHS = typer.Option(None, "--epochs", help="passes over the calibration windows (EBFT: per block, paper 10)")
-TRAIN_BATCH = typer.Option(None, "--train-batch", "--ebft-batch", help="windows per optimizer step (EBFT paper 8)")
+TRAIN_BATCH = typer.Option(None, "--train-batch", help="windows per optimizer step (EBFT paper 8)")
 WEIGHT_DECAY = typer.Option(None, "--weight-decay", help="AdamW weight decay (EBFT paper 0.1)")
 FREEZE_NORMS = typer.Option(False, "--freeze-norms", help="EBFT: train only the masked linear weights")
 TARGET = typer.Option(None, "--target",

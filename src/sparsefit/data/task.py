@@ -57,11 +57,6 @@ class Example:
         return self.completion.strip()
 
 
-def is_task_data(spec: str) -> bool:
-    """True when ``spec`` names task data (a built-in task or a ``.jsonl`` path), not a text corpus."""
-    return spec in TASK_DATA or (isinstance(spec, str) and spec.endswith(".jsonl"))
-
-
 def load_examples(spec: str, split: str = "train", limit: int | None = None) -> list[Example]:
     """The examples of ``spec``'s ``split`` (``train``, ``test`` or ``all``), the first ``limit`` of them.
 

@@ -99,11 +99,3 @@ def to_semi_structured(model: nn.Module) -> nn.Module:
             ) from None
         module.weight = nn.Parameter(sparse, requires_grad=False)
     return model
-
-
-def max_abs_diff_vs_dense(dense: nn.Module, sparse: nn.Module, input_ids: torch.Tensor) -> float:
-    """Largest |logit difference| between a dense model and its 2:4 conversion on ``input_ids``."""
-    with torch.no_grad():
-        a = dense(input_ids=input_ids).logits.float()
-        b = sparse(input_ids=input_ids).logits.float()
-    return float((a - b).abs().max())

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparsefit.assets import home
-from sparsefit.atomic import write_file_atomically
+from sparsefit.atomic import home, write_file_atomically
 from sparsefit.infer import kernel as compiled
+from sparsefit.infer import layout
 
 MEASURE_BYTES = 96 << 20  # dense bytes of a group's layers one timed pass goes through, at most
 FLUSH_BYTES = 128 << 20  # read before each pass: more than a last-level cache
@@ -56,7 +56,7 @@ def shape_density(layer: nn.Module) -> tuple[int, int, float]:
     from sparsefit.models.adapters import weight_matrix
 
     if isinstance(layer, SparseLinear):
-        kept = layer.values.numel() - compiled.PAD
+        kept = layer.values.numel() - layout.PAD
         return layer.out_features, layer.in_features, kept / (layer.out_features * layer.in_features)
     weight = weight_matrix(layer)
     return weight.shape[0], weight.shape[1], float((weight != 0).float().mean())

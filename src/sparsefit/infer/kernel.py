@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from sparsefit.assets import home
+from sparsefit.atomic import home
+from sparsefit.export.masks import pack_bits
+from sparsefit.infer.layout import VALUE_KINDS, row_starts, stored_values
 
 SOURCE = Path(__file__).with_name("csrc") / "sparse_gemm.c"
-VALUE_KINDS = {"float32": 0, "bf16": 1, "int8": 2}
-PAD = 16  # values past the last kept one that the vector path may load (and masks): every buffer carries them
 _FLAGS = (["-O3", "-fPIC", "-shared", "-std=c99"], ["-fopenmp"])  # base flags, then OpenMP when the compiler has it
 
 
@@ -65,14 +65,14 @@ def _verified_isa(lib: Kernel) -> tuple[int, str | None]:
     weight[torch.rand(weight.shape, generator=generator) < 0.6] = 0
     x = torch.randn(5, 208, generator=generator)
     bias = torch.randn(37, generator=generator)
-    from sparsefit.infer.sparse_linear import SparseLinear  # the module builds its buffers; no kernel call
-
-    layers = [SparseLinear.from_weight(weight, bias, values) for values in VALUE_KINDS]
+    bitmask = pack_bits(weight != 0)
+    row_start = row_starts(bitmask, weight.shape[1])
+    layers = [(*stored_values(weight[weight != 0], row_start, kind), kind) for kind in VALUE_KINDS]
     for isa in [i for i in sorted(ISA_NAMES, reverse=True) if 0 < i <= lib.isa]:
         agree = True
-        for layer in layers:
+        for values, scales, _kind in layers:
             for rows in (1, 5):
-                args = (x[:rows], layer.bitmask, layer.values, layer.row_start, layer.scales, layer.bias, 37)
+                args = (x[:rows], bitmask, values, row_start, scales, bias, 37)
                 want = _call(lib, *args, threads=1, isa=0)
                 got = _call(lib, *args, threads=1, isa=isa)
                 agree &= bool(((got - want).abs().max() <= 1e-5 * want.abs().max()).item())

@@ -8,31 +8,16 @@ cost the many tokens share, so the model never holds a dense copy between calls.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
 from sparsefit.errors import UsageError
-from sparsefit.export.masks import BITORDER, pack_bits, unpack_bits
+from sparsefit.export.masks import pack_bits, unpack_bits
 from sparsefit.infer import kernel as compiled
+from sparsefit.infer import layout
 
-VALUES = tuple(compiled.VALUE_KINDS)  # float32, bf16, int8
+VALUES = tuple(layout.VALUE_KINDS)  # float32, bf16, int8
 PREFILL_TOKENS = 16  # from this many tokens per call on, the unpacked dense matmul (prefill may stay dense)
-
-
-def _padded(values: torch.Tensor) -> torch.Tensor:
-    return torch.cat([values, values.new_zeros(compiled.PAD)])
-
-
-def quantize_rows(values: torch.Tensor, row_start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 with one scale per row (max |w| / 127): the kept values and the rows' scales."""
-    rows = row_start.numel() - 1
-    counts = (row_start[1:] - row_start[:-1]).long()
-    row_of = torch.repeat_interleave(torch.arange(rows), counts)
-    peak = torch.zeros(rows).scatter_reduce(0, row_of, values.abs().float(), "amax", include_self=True)
-    scales = (peak / 127).clamp_min(torch.finfo(torch.float32).tiny)
-    quantized = torch.round(values.float() / scales[row_of]).clamp(-127, 127).to(torch.int8)
-    return quantized, scales
 
 
 class SparseLinear(nn.Module):
@@ -48,20 +33,12 @@ class SparseLinear(nn.Module):
             raise UsageError(f"bitmask of shape {tuple(bitmask.shape)} does not pack a "
                              f"[{out_features}, {in_features}] weight")  # fmt: skip
         self.in_features, self.out_features, self.value_dtype = in_features, out_features, value_dtype
-        counts = torch.from_numpy(np.unpackbits(bitmask.numpy(), axis=-1, count=in_features, bitorder=BITORDER)
-                                  .sum(-1, dtype=np.int64))  # fmt: skip
-        row_start = torch.zeros(out_features + 1, dtype=torch.int64)
-        row_start[1:] = counts.cumsum(0)
+        row_start = layout.row_starts(bitmask, in_features)
         if int(row_start[-1]) != values.numel():
             raise UsageError(f"bitmask keeps {int(row_start[-1])} weights but {values.numel()} values are given")
-        scales = None
-        values = values.reshape(-1).float()
-        if value_dtype == "int8":
-            values, scales = quantize_rows(values, row_start)
-        elif value_dtype == "bf16":
-            values = values.to(torch.bfloat16)
+        values, scales = layout.stored_values(values, row_start, value_dtype)
         self.register_buffer("bitmask", bitmask.contiguous())
-        self.register_buffer("values", _padded(values))
+        self.register_buffer("values", values)
         self.register_buffer("row_start", row_start)
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
@@ -80,7 +57,7 @@ class SparseLinear(nn.Module):
 
     def weight_bytes(self) -> int:
         """Bytes the layer's weight takes (mask, values without their padding, row starts, scales): what it reads."""
-        kept = (self.values.numel() - compiled.PAD) * self.values.element_size()
+        kept = (self.values.numel() - layout.PAD) * self.values.element_size()
         extra = self.scales.numel() * 4 if self.scales is not None else 0
         return self.bitmask.numel() + kept + self.row_start.numel() * 8 + extra
 
@@ -90,7 +67,7 @@ class SparseLinear(nn.Module):
             shape = (self.out_features, self.in_features)
             return compiled.unpack(self.bitmask, self.values, self.row_start, self.scales, shape)
         keep = unpack_bits(self.bitmask, (self.out_features, self.in_features))
-        values = self.values[: self.values.numel() - compiled.PAD].float()
+        values = self.values[: self.values.numel() - layout.PAD].float()
         if self.scales is not None:
             counts = (self.row_start[1:] - self.row_start[:-1]).long()
             values = values * torch.repeat_interleave(self.scales, counts)
@@ -131,7 +108,7 @@ class SparseLinear(nn.Module):
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        kept = self.values.numel() - compiled.PAD
+        kept = self.values.numel() - layout.PAD
         density = kept / max(1, self.in_features * self.out_features)
         return (f"in_features={self.in_features}, out_features={self.out_features}, density={density:.3f}, "
                 f"values={self.value_dtype}")  # fmt: skip

@@ -139,10 +139,6 @@ class ShardedCheckpoint:
         return {name[len(prefix) :]: self.read(name, dtype) for name in self.tensors if name.startswith(prefix)}
 
 
-def dtype_code(dtype: torch.dtype) -> str:
-    return _CODES[dtype]
-
-
 def write_shard(path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]]) -> int:
     """Write a safetensors file from ``(name, dtype, shape, fetch)`` entries, one tensor in memory at a time.
 
