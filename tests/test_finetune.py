@@ -164,7 +164,18 @@ def test_exact_match_scores_the_first_number_before_the_stop_string(monkeypatch)
     outputs = [" 3 apples", " -4", "\n4"]  # the last answer comes after the stop string: wrong
     monkeypatch.setattr("sparsefit.evaluate.exact_match.greedy_generate", lambda *a, **k: outputs)
     result = exact_match(make_tiny_model("llama"), make_byte_tokenizer(), task)
-    assert result["exact_match"] == pytest.approx(2 / 3) and result["n"] == 3
+    assert result["exact_match"] == pytest.approx(2 / 3) and result["n"] == 3 and result["empty"] == 0
+
+
+def test_empty_generations_are_counted_and_eval_says_so(workspace, monkeypatch, capsys):
+    """Issue 32: an instruct model that ends its turn at once scored 0.000 and nothing said why."""
+    outputs = ["", "  ", " 9"] + [""] * 5  # sums.jsonl's 8 held-out questions
+    for name in ("greedy_generate", "streamed_greedy_generate"):  # a folder streams
+        monkeypatch.setattr(f"sparsefit.evaluate.exact_match.{name}", lambda *a, **k: outputs)
+    assert cli(monkeypatch, "eval", workspace / "tiny", "--tasks", workspace / "sums.jsonl", "--device", "cpu") == 0
+    err = capsys.readouterr().err  # the table too: it is printed on the console's stream
+    assert f"warning: 7 of 8 generations on {workspace / 'sums.jsonl'} were empty" in err
+    assert "n 8, 7 empty" in err
 
 
 # --- sparsefit finetune ------------------------------------------------------------------------------------------

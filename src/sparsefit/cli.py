@@ -405,6 +405,10 @@ def eval_(
         from sparsefit.app.jobs import record_results
 
         record_results(Path(model), results)
+    for task, r in results.get("tasks", {}).items():
+        if r.get("empty"):
+            typer.echo(f"warning: {r['empty']} of {r['n']} generations on {task} were empty (the model ended its "
+                       f"answer at once); check the prompt format, e.g. --chat-template / --no-chat-template", err=True)
     if as_json:
         typer.echo(json.dumps(results))
         return
@@ -413,9 +417,10 @@ def eval_(
         for name, r in results.get("ppl", {}).items()
     ]
     rows += [
-        [task, " / ".join(f"{k} {v:.4f}" for k, v in r.items() if k != "n" and isinstance(v, float)), f"n {r['n']}"]
+        [task, " / ".join(f"{k} {v:.4f}" for k, v in r.items() if k != "n" and isinstance(v, float)),
+         f"n {r['n']}" + (f", {r['empty']} empty" if r.get("empty") else "")]
         for task, r in results.get("tasks", {}).items()
-    ]
+    ]  # fmt: skip
     _echo_table(f"evaluation of {model}", ["metric", "value", "on"], rows)
 
 

@@ -273,7 +273,8 @@ def exact_match(
     device: torch.device | str = "cpu", chat_template: bool = True, progress: Progress | None = None,
     source=None,
 ) -> dict:  # fmt: skip
-    """``{"exact_match", "n"}`` (and the task's other metrics) of ``model`` on ``task``, plus the first few
+    """``{"exact_match", "n", "empty"}`` (and the task's other metrics; ``empty``: generations with no text) of
+    ``model`` on ``task``, plus the first few
     generations (the prompt's end, the gold answer, the generation) for a reader to check. With ``source`` (a
     model streamed from its shards) the generations are :func:`streamed_greedy_generate`'s."""
     prompts = [prompt_ids(tokenizer, example, chat_template) for example in task.examples]
@@ -288,4 +289,6 @@ def exact_match(
     result: dict = {name: sum(v[name] for v in verdicts) / len(verdicts) for name in verdicts[0]}
     samples = [{"prompt": e.prompt[-200:], "gold": e.answer, "generation": g}
                for e, g in zip(task.examples[:3], generations[:3], strict=True)]  # fmt: skip
-    return {**result, "n": len(verdicts), "samples": samples}
+    # An instruct model that ends its turn at once scores 0 with nothing to show why: the count says it.
+    empty = sum(not text.strip() for text in generations)
+    return {**result, "n": len(verdicts), "empty": empty, "samples": samples}
