@@ -213,7 +213,7 @@ def test_run_recipe_writes_report(workspace, monkeypatch, tmp_path, capsys):
     assert cli(monkeypatch, "run", recipe, "--runs-dir", tmp_path / "runs") == 0
     out = tmp_path / "runs" / "tiny"
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["rows"]) == {"dense", "pruned", "recovered"}
+    assert set(summary["rows"]) == {"dense", "pruned", "recovered"} and summary["recipe"]["prune"]["sparsity"] == 0.7
     # Per row int(0.7 * width) pruned: 44 of 64, 89 of 128 inputs.
     assert summary["rows"]["pruned"]["sparsity"] == summary["rows"]["recovered"]["sparsity"]
     assert summary["rows"]["pruned"]["sparsity"] == pytest.approx(0.6892, abs=1e-4)

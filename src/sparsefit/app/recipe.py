@@ -169,6 +169,7 @@ def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), overwrite: bool =
     model_guard.check_mode(recipe.guard, "recipe guard")
     config = PruneConfig(**recipe.prune, device=recipe.device)
     config.validate()
+    recipe.prune = {**recipe.prune, "sparsity": config.sparsity}  # the summary records the sparsity it ran at
     device = resolve_device(recipe.device)
     method = method_config = None
     recover_task = None
