@@ -19,10 +19,8 @@ def refused(monkeypatch, capsys, *args, code: int = 2) -> str:
 @pytest.fixture(scope="module")
 def pruned(workspace, tmp_path_factory):  # noqa: F811
     """A Wanda 50 % run folder of the tiny model."""
-    import pytest as _pytest
-
     out = tmp_path_factory.mktemp("bad") / "pruned"
-    with _pytest.MonkeyPatch.context() as monkeypatch:
+    with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv("SPARSEFIT_HOME", str(workspace / "home"))
         assert cli(monkeypatch, *prune_args(workspace, out)) == 0
     return out

@@ -274,9 +274,9 @@ def exact_match(
     source=None,
 ) -> dict:  # fmt: skip
     """``{"exact_match", "n", "empty"}`` (and the task's other metrics; ``empty``: generations with no text) of
-    ``model`` on ``task``, plus the first few
-    generations (the prompt's end, the gold answer, the generation) for a reader to check. With ``source`` (a
-    model streamed from its shards) the generations are :func:`streamed_greedy_generate`'s."""
+    ``model`` on ``task``, plus the first few generations (the prompt's end, the gold answer, the generation) for a
+    reader to check. With ``source`` (a model streamed from its shards) the generations are
+    :func:`streamed_greedy_generate`'s."""
     prompts = [prompt_ids(tokenizer, example, chat_template) for example in task.examples]
     if source is not None:
         generations = streamed_greedy_generate(source, tokenizer, prompts, max_new_tokens=task.max_new_tokens,

@@ -77,8 +77,8 @@ class PruneConfig:
         return bool(self.owl_lambda)
 
     def validate(self) -> None:
-        parse_pattern(self.pattern)
-        if self.slim:
+        pattern = parse_pattern(self.pattern)
+        if pattern.slim:
             check(self.method in STRUCTURED_METHODS, f"--pattern structured takes method "
                                                      f"{' or '.join(STRUCTURED_METHODS)}, not {self.method!r}")
         else:
@@ -86,7 +86,6 @@ class PruneConfig:
             check(self.gqa == "queries" and self.keep_heads is None,
                   "--gqa and --keep-heads go with --pattern structured")  # fmt: skip
         check(self.gqa in GQA, f"gqa {self.gqa!r} is not one of {', '.join(GQA)}")
-        pattern = parse_pattern(self.pattern)
         if pattern.structured:  # N:M: the pattern decides how many weights go; a sparsity that disagrees is refused
             check(math.isclose(self.sparsity, pattern.sparsity), f"sparsity {self.sparsity} does not go with "
                   f"pattern {self.pattern}, which removes {pattern.sparsity:g} of the weights; leave the sparsity out")
