@@ -37,6 +37,24 @@ def run_isolated(script: str, options: list[str], one: list[str], threads: int |
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def add_row_options(parser, results: str) -> None:
+    """The options of a benchmark that runs named rows, each in its own process: ``--merge`` (keep the other rows of
+    ``results``), ``--jobs``, ``--threads`` and the hidden ``--one ROW`` that a row's process is started with."""
+    import argparse
+
+    parser.add_argument("--merge", action="store_true", help=f"keep the other rows of {results}")
+    parser.add_argument("--jobs", type=int, default=1, help="rows run side by side (one process each)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    parser.add_argument("--one", nargs=1, metavar="ROW", help=argparse.SUPPRESS)
+
+
+def stored_results(name: str, merge: bool) -> dict:
+    """``results/<name>.json`` as written so far when ``merge`` (read again at every report: another ``--merge`` run
+    beside this one may have added rows), else ``{}``."""
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if merge and path.exists() else {}
+
+
 def write_results(name: str, data: dict, header: list[str], rows: list[list], notes: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_file_atomically(RESULTS / f"{name}.json", json.dumps(data, indent=2))

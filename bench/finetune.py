@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 
-from common import RESULTS, peak_rss_mb, run_many, write_results  # noqa: E402
+from common import add_row_options, peak_rss_mb, run_many, stored_results, write_results  # noqa: E402
 
 MODEL = "smollm2-135m"
 DENSE = ("base", "full", "lora", "s2ft")
@@ -187,12 +187,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=200, help="test questions scored")
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=128)
-    parser.add_argument("--merge", action="store_true", help="keep the other rows of the results file")
     parser.add_argument("--name", default="finetune", help="results file name under bench/results")
     parser.add_argument("--context", default="", help="a sentence on how the run was made, for the notes")
-    parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--one", nargs=1, metavar="ROW", help=argparse.SUPPRESS)
+    add_row_options(parser, "the results file")
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(args, args.one[0])))
@@ -209,8 +206,7 @@ def main() -> None:
               "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]  # fmt: skip
 
     def on_done(runs: dict) -> None:
-        path = RESULTS / f"{args.name}.json"
-        stored = json.loads(path.read_text()) if args.merge and path.exists() else {}
+        stored = stored_results(args.name, args.merge)
         report(args, {**stored.get("runs", {}), **runs})
 
     run_many(__file__, passed, {n: [n] for n in names}, args.jobs, args.threads, on_done)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 
-from common import RESULTS, peak_rss_mb, run_many, write_results  # noqa: E402
+from common import add_row_options, peak_rss_mb, run_many, stored_results, write_results  # noqa: E402
 
 MODELS = {"gemma": "gemma3-270m", "smollm2": "smollm2-135m"}
 CORPORA = ("wiki", "books")
@@ -138,10 +138,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-tokens", type=int, default=2048)
     parser.add_argument("--rows", default="", help="comma-separated rows")
-    parser.add_argument("--merge", action="store_true", help="keep the other rows of generalize.json")
-    parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--one", nargs=1, metavar="ROW", help=argparse.SUPPRESS)
+    add_row_options(parser, "generalize.json")
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(args, args.one[0])))
@@ -151,10 +148,9 @@ def main() -> None:
         parts = name.split(":")
         if len(parts) != 5 or parts[0] not in MODELS:
             sys.exit(f"row {name!r} is not MODEL:SPARSITY:NxL:CALIB:PRESET with MODEL in {', '.join(MODELS)}")
-    path = RESULTS / "generalize.json"
 
     def on_done(runs: dict) -> None:
-        stored = json.loads(path.read_text())["runs"] if args.merge and path.exists() else {}
+        stored = stored_results("generalize", args.merge).get("runs", {})
         report(args, {**{k: v for k, v in stored.items() if k not in runs}, **runs})
 
     run_many(__file__, ["--max-tokens", str(args.max_tokens)], {n: [n] for n in names}, args.jobs, args.threads,

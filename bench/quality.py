@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 
-from common import RESULTS, peak_rss_mb, run_isolated, run_many, write_results  # noqa: E402
+from common import RESULTS, add_row_options, peak_rss_mb, run_isolated, run_many, stored_results, write_results  # noqa: E402
 
 # name: (prune settings, calibration, EBFT options or None, global SquareHead options or None, baseline row)
 W70 = {"method": "wanda", "sparsity": 0.7}
@@ -310,11 +310,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8192)
     parser.add_argument("--rows", default="", help="comma-separated rows (default: all); baselines are added")
     parser.add_argument("--list", action="store_true", help="print the rows and exit")
-    parser.add_argument("--merge", action="store_true",
-                        help="keep the other rows of quality.json (also those another --merge run writes meanwhile)")
-    parser.add_argument("--jobs", type=int, default=1, help="rows run side by side (one process each)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per process")
-    parser.add_argument("--one", nargs=1, metavar="ROW", help=argparse.SUPPRESS)
+    add_row_options(parser, "quality.json (also those another --merge run writes meanwhile)")
     args = parser.parse_args()
     if args.list:
         for name, row in ROWS.items():
@@ -327,12 +323,7 @@ def main() -> None:
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         sys.exit(f"unknown row(s) {', '.join(unknown)}; see --list")
-    def stored() -> dict:
-        if args.merge and (RESULTS / "quality.json").exists():
-            return json.loads((RESULTS / "quality.json").read_text())
-        return {}
-
-    earlier = stored()
+    earlier = stored_results("quality", args.merge)
     done = {k for k, v in earlier.get("runs", {}).items() if v.get("status") == "ok"}
     names = list(dict.fromkeys([baseline_of(n) for n in names if baseline_of(n) not in done] + names))
     passed = ["--model", args.model, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
@@ -343,7 +334,7 @@ def main() -> None:
 
     def kept() -> dict:
         # Read again at every report, so that two --merge runs of different rows side by side keep each other's.
-        return {k: v for k, v in stored().get("runs", {}).items() if k not in names}
+        return {k: v for k, v in stored_results("quality", args.merge).get("runs", {}).items() if k not in names}
 
     run_many(__file__, passed, {n: [n] for n in names}, args.jobs, args.threads,
              lambda runs: report(args, dense, {**kept(), **runs}))  # fmt: skip

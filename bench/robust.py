@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 
-from common import RESULTS, peak_rss_mb, run_many, write_results  # noqa: E402
+from common import add_row_options, peak_rss_mb, run_many, stored_results, write_results  # noqa: E402
 
 MODELS = {"gemma": "gemma3-270m", "smollm2": "smollm2-135m"}
 # Each lever changes one thing of a preset (the presets as they stood when issue 21 was filed: cpu = lr 3e-3,
@@ -191,10 +191,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8192)
     parser.add_argument("--rows", default="", help="comma-separated rows; their pruned baselines are added")
     parser.add_argument("--list", action="store_true")
-    parser.add_argument("--merge", action="store_true", help="keep the other rows of robust.json")
-    parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--one", nargs=1, metavar="ROW", help=argparse.SUPPRESS)
+    add_row_options(parser, "robust.json")
     args = parser.parse_args()
     if args.list:
         print("rows: MODEL:SPARSITY:NxL:LEVER with MODEL in", ", ".join(MODELS), "and SPARSITY 0.5, 0.7 or 2-4 (2:4)")
@@ -209,8 +206,7 @@ def main() -> None:
         parts = name.split(":")
         if len(parts) != 4 or parts[0] not in MODELS or parts[3] not in LEVERS:
             sys.exit(f"row {name!r} is not MODEL:SPARSITY:NxL:LEVER; see --list")
-    stored = json.loads((RESULTS / "robust.json").read_text()) if args.merge and (RESULTS / "robust.json").exists() \
-        else {}  # fmt: skip
+    stored = stored_results("robust", args.merge)
     done = {k for k, v in stored.get("runs", {}).items() if v.get("status") == "ok"}
     names = list(dict.fromkeys([baseline_of(n) for n in names if baseline_of(n) not in done] + names))
     passed = ["--eval-seqlen", str(args.eval_seqlen), "--max-tokens", str(args.max_tokens)]
@@ -223,9 +219,7 @@ def main() -> None:
         for key in [k for k in runs if k.endswith(":dense")]:
             dense[key.split(":")[0]] = runs[key]
         measured = {k: v for k, v in runs.items() if not k.endswith(":dense")}
-        # Read again: another --merge run beside this one may have added rows since this one began.
-        now = json.loads((RESULTS / "robust.json").read_text()) if args.merge and (RESULTS / "robust.json").exists() \
-            else {}  # fmt: skip
+        now = stored_results("robust", args.merge)
         kept = {k: v for k, v in now.get("runs", {}).items() if k not in measured}
         report(args, dense, {**kept, **measured})
 
